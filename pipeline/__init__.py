@@ -1,0 +1,1 @@
+"""Medical image classification pipeline."""

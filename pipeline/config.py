@@ -1,0 +1,186 @@
+"""Typed, frozen configuration objects for every stage, built from plain dicts.
+
+The library never reads ``params.yaml`` itself: stage scripts load a section and
+call :func:`from_dict`, which refuses unknown keys so a typo in ``params.yaml``
+is an error that names the key rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, missing or of the wrong type."""
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses.
+
+    Raises:
+        ConfigError: on an unknown key, naming it and the known ones.
+    """
+    data = dict(data or {})
+    where = where or cls.__name__
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in '{where}'; known keys: {sorted(names)}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # missing required field
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        return _coerce(tp, value, where)
+    if origin is tuple:
+        return tuple(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"'{where}' must be {tp.__name__}, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"'{where}' must be int, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict view of a config, for logging to MLflow."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into dotted keys (``augment.hflip``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Where the dataset archive comes from and what it must hash to."""
+
+    url: str
+    sha256: str
+    output: str = "data/raw/cell_images.zip"
+    timeout_s: float = 20.0
+    chunk_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Extraction, validation, split and resizing of the raw archive."""
+
+    image_size: int = 96
+    val_ratio: float = 0.15
+    test_ratio: float = 0.15
+    seed: int = 42
+    max_images: int = 0  # 0 keeps every image; >0 takes a seeded random subset
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Albumentations policy applied to training images (probabilities 0..1)."""
+
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rotate90: float = 0.5
+    rotate_limit: float = 180.0
+    rotate: float = 0.5
+    brightness_contrast: float = 0.5
+    brightness_limit: float = 0.15
+    contrast_limit: float = 0.15
+    hue_saturation: float = 0.3
+    gauss_noise: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model, optimisation and Ray Train scaling settings."""
+
+    model: str = "efficientnet_lite0"
+    pretrained: bool = True
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    seed: int = 42
+    storage_path: str = "checkpoints"
+    max_failures: int = 2
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Test-split evaluation settings."""
+
+    batch_size: int = 256
+    tta: bool = False
+    positive_class: str = "Parasitized"
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """Model Registry settings and the champion rule."""
+
+    model_name: str = ""  # empty = the dataset's name
+    metric: str = "roc_auc"
+    alias: str = "champion"
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Ray Data batch scoring settings."""
+
+    input: str = ""  # folder or zip; empty = the test split of the manifest
+    model_uri: str = ""  # empty = models:/<register.model_name>@champion
+    output: str = "data/scores/predictions.parquet"
+    batch_size: int = 64
+    concurrency: int = 1
+    cpus_per_actor: float = 1.0
+
+
+@dataclass(frozen=True)
+class Params:
+    """Every section of ``params.yaml``."""
+
+    dataset: str = "malaria"
+    download: DownloadConfig = field(default_factory=lambda: DownloadConfig("", ""))
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)

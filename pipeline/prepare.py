@@ -1,0 +1,183 @@
+"""Extract, validate, split and resize a dataset archive into training arrays.
+
+Output folder layout (one DVC output)::
+
+    manifest.parquet      path, label, patient_id, split, width, height, sha256, index
+    {train,val,test}.npy  uint8 arrays (N, S, S, 3) of images resized to S, row
+                          ``index`` of the manifest; read with mmap, no decoding
+    images/               the original files, for scoring and inspection
+    quarantine/           files that failed to decode, with quarantine.csv
+    report.json           counts of kept, skipped and quarantined files
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pipeline.config import PrepareConfig
+from pipeline.datasets import DatasetSpec, get_dataset, is_image_name
+from pipeline.images import ImageDecodeError, load_rgb, resize
+from pipeline.split import SPLITS, group_split
+from pipeline.utils import write_json
+
+log = logging.getLogger(__name__)
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive member would be written outside the target folder."""
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    out_dir: Path
+    manifest: pd.DataFrame
+    class_names: list[str]
+    skipped: list[str]
+    quarantined: pd.DataFrame
+
+
+def safe_member_path(name: str, root: Path) -> Path:
+    """Where archive member ``name`` goes under ``root``; refuse any escape."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or (pure.parts and ":" in pure.parts[0]):
+        raise UnsafeArchiveError(f"archive member '{name}' would be written outside {root}")
+    target = (root / pure).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise UnsafeArchiveError(f"archive member '{name}' would be written outside {root}")
+    return target
+
+
+def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig, dataset: str) -> PrepareResult:
+    """Turn ``archive`` into a validated, split, resized dataset under ``out_dir``.
+
+    The folder is built beside ``out_dir`` and swapped in at the end, so a failure
+    leaves no half-written output.
+    """
+    spec = get_dataset(dataset)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    records, pixels, skipped, bad = _extract(Path(archive), tmp, spec, cfg.image_size)
+    if not records:
+        raise ValueError(f"no readable images found in {archive}")
+    manifest = pd.DataFrame(records)
+    if cfg.max_images and len(manifest) > cfg.max_images:
+        manifest = manifest.sample(n=cfg.max_images, random_state=cfg.seed)
+    manifest = manifest.sort_values("path").reset_index(drop=True)
+    manifest["split"] = group_split(
+        manifest["label"].to_numpy(), manifest["patient_id"].to_numpy(),
+        cfg.val_ratio, cfg.test_ratio, cfg.seed,
+    )
+    manifest = _write_arrays(manifest, pixels, tmp)
+    class_names = sorted(manifest["label"].unique())
+    quarantined = pd.DataFrame(bad, columns=["path", "reason"])
+    quarantined.to_csv(tmp / "quarantine" / "quarantine.csv", index=False) if bad else None
+    manifest.to_parquet(tmp / "manifest.parquet", index=False)
+    write_json(tmp / "report.json", _report(manifest, class_names, skipped, quarantined, cfg))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    log.info("prepared %d images (%d skipped, %d quarantined) in %s",
+             len(manifest), len(skipped), len(quarantined), out_dir)
+    return PrepareResult(out_dir, manifest, class_names, skipped, quarantined)
+
+
+def _extract(
+    archive: Path, root: Path, spec: DatasetSpec, size: int
+) -> tuple[list[dict], list[np.ndarray], list[str], list[tuple[str, str]]]:
+    """Extract images, decode and resize each once, sort them into kept / skipped / bad."""
+    records: list[dict] = []
+    pixels: list[np.ndarray] = []
+    skipped: list[str] = []
+    bad: list[tuple[str, str]] = []
+    with zipfile.ZipFile(archive) as zf:
+        members = [m for m in zf.infolist() if not m.is_dir()]
+        for m in members:  # check every path before writing anything
+            safe_member_path(m.filename, root / "images")
+            if stat.S_ISLNK(m.external_attr >> 16):
+                raise UnsafeArchiveError(f"archive member '{m.filename}' is a symbolic link")
+        for m in tqdm(members, desc="prepare", unit="img"):
+            if not is_image_name(m.filename):
+                skipped.append(m.filename)
+                continue
+            data = zf.read(m)
+            try:
+                img = load_rgb(data)
+                label, group = spec.label_of(m.filename), spec.group_of(m.filename)
+            except (ImageDecodeError, ValueError) as exc:
+                dest = safe_member_path(m.filename, root / "quarantine")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(data)
+                bad.append((m.filename, str(exc)))
+                continue
+            dest = safe_member_path(m.filename, root / "images")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+            pixels.append(resize(img, size))
+            records.append({
+                "row": len(records), "path": m.filename, "label": label, "patient_id": group,
+                "width": img.shape[1], "height": img.shape[0],
+                "sha256": hashlib.sha256(data).hexdigest(),
+            })
+    if skipped:
+        log.info("skipped %d non-image files: %s", len(skipped), skipped[:5])
+    if bad:
+        log.warning("quarantined %d unreadable images, see quarantine/quarantine.csv", len(bad))
+    return records, pixels, skipped, bad
+
+
+def _write_arrays(manifest: pd.DataFrame, pixels: list[np.ndarray], root: Path) -> pd.DataFrame:
+    """Store each split's resized images as one ``.npy``; ``index`` is the array row."""
+    manifest = manifest.copy()
+    manifest["index"] = -1
+    for split in SPLITS:
+        rows = np.flatnonzero(manifest["split"].to_numpy() == split)
+        stack = [pixels[r] for r in manifest["row"].to_numpy()[rows]]
+        np.save(root / f"{split}.npy", np.stack(stack) if stack else np.zeros((0, *pixels[0].shape), np.uint8))
+        manifest.loc[rows, "index"] = np.arange(len(rows))
+    return manifest.drop(columns="row")
+
+
+def _report(manifest: pd.DataFrame, class_names: list[str], skipped: list[str],
+            quarantined: pd.DataFrame, cfg: PrepareConfig) -> dict:
+    counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
+    return {
+        "class_names": class_names,
+        "image_size": cfg.image_size,
+        "n_images": len(manifest),
+        "n_skipped_non_images": len(skipped),
+        "skipped": skipped,
+        "n_quarantined": len(quarantined),
+        "quarantined": quarantined.to_dict(orient="records"),
+        "per_split": {s: {c: int(counts.at[s, c]) if s in counts.index and c in counts.columns else 0
+                          for c in class_names} for s in SPLITS},
+        "patients_per_split": manifest.groupby("split")["patient_id"].nunique().to_dict(),
+    }
+
+
+def load_split(prepared: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images (memory-mapped), integer labels and class names of one split."""
+    prepared = Path(prepared)
+    manifest = pd.read_parquet(prepared / "manifest.parquet")
+    class_names = sorted(manifest["label"].unique())
+    rows = manifest[manifest["split"] == split].sort_values("index")
+    images = np.load(prepared / f"{split}.npy", mmap_mode="r")
+    labels = rows["label"].map({c: i for i, c in enumerate(class_names)}).to_numpy(np.int64)
+    return images, labels, class_names
+
+
+def split_id(prepared: str | Path, split: str) -> str:
+    """Content hash of a split's images: equal ids mean the same test set."""
+    manifest = pd.read_parquet(Path(prepared) / "manifest.parquet")
+    hashes = sorted(manifest.loc[manifest["split"] == split, "sha256"])
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:16]

@@ -1,0 +1,279 @@
+"""Distributed training with Ray Train: the only module that knows about ranks.
+
+The driver (:func:`train`) puts the prepared arrays in Ray's object store, opens
+one MLflow run, and starts a ``TorchTrainer``. Each worker runs
+:func:`train_loop_per_worker`: the same model, data and loss code as a plain
+PyTorch loop, plus ``prepare_model`` / ``prepare_data_loader`` for DDP, rank-0-only
+MLflow logging and a checkpoint every epoch (resumed after a worker failure).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.augment import build_train_transform
+from pipeline.config import AugmentConfig, TrainConfig, flatten
+from pipeline.inference import ModelMeta, save_checkpoint, to_tensor
+from pipeline.models import create_model, model_info
+from pipeline.prepare import load_split
+from pipeline.tracking import setup_mlflow
+from pipeline.utils import atomic_path, init_ray, seed_everything, write_json
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the best model went and how training went."""
+
+    model_path: Path
+    run_id: str
+    best_epoch: int
+    history: pd.DataFrame
+
+
+class ArrayDataset(Dataset):
+    """uint8 images + integer labels, augmented per item with Albumentations."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        img = np.asarray(self.images[i])
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        return img, int(self.labels[i])
+
+
+def collate(batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack uint8 images (normalised later, on the device) and labels."""
+    images = torch.from_numpy(np.stack([b[0] for b in batch]))
+    return images, torch.tensor([b[1] for b in batch])
+
+
+def train(
+    cfg: TrainConfig,
+    augment: AugmentConfig,
+    prepared: str | Path,
+    out_dir: str | Path,
+    experiment: str,
+    positive_class: str | None = None,
+    extra_params: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``cfg.model`` on ``prepared`` with Ray Train; best checkpoint → ``out_dir``."""
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    prepared, out_dir = Path(prepared).resolve(), Path(out_dir)
+    train_x, train_y, class_names = load_split(prepared, "train")
+    val_x, val_y, _ = load_split(prepared, "val")
+    info = model_info(cfg.model)
+    meta = ModelMeta(cfg.model, tuple(class_names), int(train_x.shape[1]), info.mean, info.std,
+                     positive_class)
+    uri = setup_mlflow(experiment)
+    init_ray()
+    with mlflow.start_run(run_name="train") as run:
+        mlflow.log_params(flatten({"train": asdict(cfg), "augment": asdict(augment),
+                                   **(extra_params or {})}))
+        mlflow.log_params({"n_train": len(train_y), "n_val": len(val_y),
+                           "class_names": ",".join(class_names), "image_size": meta.image_size})
+        loop_config = {
+            "cfg": cfg, "augment": augment, "meta": meta, "tracking_uri": uri,
+            "run_id": run.info.run_id,
+            "train": ray.put((np.asarray(train_x), train_y)),
+            "val": ray.put((np.asarray(val_x), val_y)),
+        }
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(
+                num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                resources_per_worker={"CPU": cfg.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=f"{experiment}-{cfg.model}",
+                storage_path=_storage_path(cfg.storage_path),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=2, checkpoint_score_attribute="val_loss",
+                    checkpoint_score_order="min"),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+            ),
+        )
+        result = trainer.fit()
+        best_ckpt, best_metrics = min(result.best_checkpoints, key=lambda c: c[1]["val_loss"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with best_ckpt.as_directory() as d, atomic_path(out_dir / MODEL_FILE) as tmp:
+            shutil.copyfile(Path(d) / MODEL_FILE, tmp)
+        history = _history(run.info.run_id)
+        mlflow.log_artifact(str(out_dir / MODEL_FILE), artifact_path="checkpoint")
+        mlflow.log_metrics({"best_epoch": best_metrics["epoch"],
+                            "best_val_loss": best_metrics["val_loss"],
+                            "best_val_acc": best_metrics["val_acc"]})
+    log.info("best epoch %d: val_loss %.4f val_acc %.4f", best_metrics["epoch"],
+             best_metrics["val_loss"], best_metrics["val_acc"])
+    return TrainResult(out_dir / MODEL_FILE, run.info.run_id, int(best_metrics["epoch"]), history)
+
+
+def _history(run_id: str) -> pd.DataFrame:
+    """Per-epoch metrics of a run, one row per epoch, read back from MLflow."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    keys = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s"]
+    frames = [pd.DataFrame([(m.step, m.value) for m in client.get_metric_history(run_id, k)],
+                           columns=["epoch", k]).drop_duplicates("epoch", keep="last").set_index("epoch")
+              for k in keys]
+    return pd.concat(frames, axis=1).sort_index().reset_index()
+
+
+def _storage_path(path: str) -> str:
+    """Absolute local path, or a URI (``s3://``, ``gs://``) passed through as is."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: build data and model, then train and validate per epoch."""
+    import ray
+    import ray.train
+    from ray.train.torch import get_device, prepare_data_loader, prepare_model
+
+    cfg: TrainConfig = config["cfg"]
+    meta: ModelMeta = config["meta"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(cfg.seed + rank)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    device = get_device()
+    channels_last = cfg.channels_last
+
+    train_x, train_y = _get(config["train"])
+    val_x, val_y = _get(config["val"])
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_loader = prepare_data_loader(DataLoader(
+        ArrayDataset(train_x, train_y, build_train_transform(config["augment"])),
+        batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=g, drop_last=len(train_y) > cfg.batch_size * world))
+    val_loader = prepare_data_loader(DataLoader(
+        ArrayDataset(val_x, val_y), batch_size=cfg.batch_size * 2, collate_fn=collate))
+
+    model = create_model(cfg.model, len(meta.class_names), pretrained=cfg.pretrained)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    start_epoch = _resume(ray.train.get_checkpoint(), model, optimizer, scheduler)
+    mlflow_run = _open_mlflow(config) if rank == 0 else None
+    for epoch in range(start_epoch, cfg.epochs):
+        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc, n_seen = _run_epoch(model, train_loader, loss_fn, meta, device,
+                                                   channels_last, optimizer, epoch, rank)
+        scheduler.step()
+        elapsed = time.perf_counter() - t0
+        val_loss, val_acc, _ = _run_epoch(model, val_loader, loss_fn, meta, device, channels_last)
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+                   "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+                   "epoch_time_s": elapsed, "images_per_s": n_seen / elapsed}
+        _report(metrics, model, optimizer, scheduler, meta, rank, mlflow_run)
+
+
+def _get(ref):
+    import ray
+
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+
+
+def _open_mlflow(config: dict[str, Any]):
+    import mlflow
+
+    mlflow.set_tracking_uri(config["tracking_uri"])
+    return mlflow.MlflowClient(), config["run_id"]
+
+
+def _run_epoch(model, loader, loss_fn, meta, device, channels_last, optimizer=None,
+               epoch: int = 0, rank: int = 0) -> tuple[float, float, int]:
+    """One pass over ``loader`` (training if ``optimizer``), averaged over all workers."""
+    from tqdm.auto import tqdm
+
+    model.train(optimizer is not None)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    desc = f"epoch {epoch + 1} {'train' if optimizer else 'val'}"
+    with torch.set_grad_enabled(optimizer is not None):
+        for images, labels in tqdm(loader, desc=desc, disable=rank != 0, mininterval=10):
+            x = to_tensor(images, meta, device, channels_last)
+            labels = labels.to(device)
+            logits = model(x)
+            loss = loss_fn(logits, labels)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            totals += torch.tensor([loss.item() * len(labels),
+                                    (logits.argmax(1) == labels).sum().item(), len(labels)],
+                                   dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    return loss_sum / max(count, 1), correct / max(count, 1), int(count)
+
+
+def _report(metrics, model, optimizer, scheduler, meta, rank, mlflow_run) -> None:
+    """Report epoch metrics to Ray Train; rank 0 also checkpoints and logs to MLflow."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    client, run_id = mlflow_run
+    step = metrics["epoch"]
+    for key, value in metrics.items():
+        if key != "epoch":
+            client.log_metric(run_id, key, float(value), step=step)
+    with tempfile.TemporaryDirectory() as d:
+        module = model.module if hasattr(model, "module") else model
+        save_checkpoint(Path(d) / MODEL_FILE, module, meta)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "epoch": metrics["epoch"]}, Path(d) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def _resume(checkpoint, model, optimizer, scheduler) -> int:
+    """Load the last checkpoint after a restart; return the epoch to start from."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        weights = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    module = model.module if hasattr(model, "module") else model
+    module.load_state_dict(weights["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    log.info("resumed from checkpoint after epoch %d", state["epoch"])
+    return int(state["epoch"])

@@ -1,0 +1,111 @@
+"""Small shared helpers: quiet defaults, seeding, atomic file writes, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+# Telemetry and update checks are off unless the user already set these.
+QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+def set_quiet_env() -> None:
+    """Turn telemetry off for this process and every child it starts."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch in one place."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Plain, timestamped log lines for the CLIs and stages."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; rename it over ``path`` on success.
+
+    A stage that fails half-way leaves no partial output that DVC could cache.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray on loopback.
+
+    A local instance binds to 127.0.0.2: with 127.0.0.1 Ray swaps in the machine's
+    external address, and nothing here should listen beyond loopback.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    set_quiet_env()
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(_node_ip_address=os.environ.get("PIPELINE_RAY_NODE_IP", "127.0.0.2"),
+                 include_dashboard=False, num_cpus=num_cpus)
