@@ -89,7 +89,6 @@ class DownloadConfig:
 
     url: str
     sha256: str
-    output: str = "data/raw/cell_images.zip"
     timeout_s: float = 20.0
     chunk_bytes: int = 1 << 20
 
@@ -103,7 +102,6 @@ class PrepareConfig:
     test_ratio: float = 0.15
     seed: int = 42
     max_images: int = 0  # 0 keeps every image; >0 takes a seeded random subset
-    num_workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -166,7 +164,6 @@ class ScoreConfig:
 
     input: str = ""  # folder or zip; empty = the test split of the manifest
     model_uri: str = ""  # empty = models:/<register.model_name>@champion
-    output: str = "data/scores/predictions.parquet"
     batch_size: int = 64
     concurrency: int = 1
     cpus_per_actor: float = 1.0

@@ -35,14 +35,14 @@ class DownloadResult:
     source: str
 
 
-def download(cfg: DownloadConfig) -> DownloadResult:
-    """Fetch ``cfg.url`` to ``cfg.output`` and verify its SHA-256.
+def download(cfg: DownloadConfig, output: str | Path) -> DownloadResult:
+    """Fetch ``cfg.url`` to ``output`` and verify its SHA-256.
 
     Raises:
         DownloadError: when the source is unreachable or the checksum differs;
             the message says how to point the stage at a local copy.
     """
-    out = Path(cfg.output)
+    out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(out.name + ".part")
     scheme = urllib.parse.urlparse(cfg.url).scheme

@@ -93,6 +93,9 @@ def _save(fig, path: Path) -> None:
 def _log_to_mlflow(run_id: str, metrics: dict, plots: dict[str, Path]) -> None:
     import mlflow
 
+    from pipeline.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
         for path in plots.values():

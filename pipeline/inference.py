@@ -31,10 +31,12 @@ class ModelMeta:
     positive_class: str | None = None
 
 
-def to_tensor(batch: np.ndarray, meta: ModelMeta, device: torch.device | str = "cpu",
+def to_tensor(batch: np.ndarray | torch.Tensor, meta: ModelMeta, device: torch.device | str = "cpu",
               channels_last: bool = True) -> torch.Tensor:
     """uint8 ``NxHxWx3`` → normalised float ``NxCxHxW`` tensor on ``device``."""
-    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float()
+    if not isinstance(batch, torch.Tensor):  # a writable copy: batches may be read-only mmaps
+        batch = torch.from_numpy(np.array(batch, dtype=np.uint8))
+    x = batch.to(device).permute(0, 3, 1, 2).float()
     mean = torch.tensor(meta.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(meta.std, device=device).view(1, 3, 1, 1) * 255.0
     x = (x - mean) / std

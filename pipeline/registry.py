@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import base64
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 import numpy as np
@@ -93,7 +94,7 @@ def format_predictions(probs: np.ndarray, ok: list[int], errors: list[str | None
     full[ok] = probs
     labels = np.array([None] * n, dtype=object)
     labels[ok] = np.asarray(class_names)[probs.argmax(1)] if len(ok) else []
-    out = pd.DataFrame({"label": labels, "probability": full.max(1) if k else []})
+    out = pd.DataFrame({"predicted_label": labels, "probability": full.max(1) if k else []})
     for j, name in enumerate(class_names):
         out[f"prob_{name}"] = full[:, j]
     out["error"] = errors
@@ -109,14 +110,20 @@ def log_pyfunc(checkpoint: str | Path, example: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(example).save(buf, format="PNG")
     input_example = pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]})
-    info = mlflow.pyfunc.log_model(
-        name=MODEL_ARTIFACT,
-        python_model=CellClassifier(),
-        artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(PACKAGE_DIR)],
-        input_example=input_example,
-        pip_requirements=_requirements(),
-    )
+    with warnings.catch_warnings():  # the input forms are checked in decode_inputs
+        warnings.filterwarnings("ignore", message=".*type hints.*")
+        warnings.filterwarnings("ignore", message=".*CloudPickle.*")
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=CellClassifier(),
+            artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(PACKAGE_DIR)],
+            input_example=input_example,
+            # No schema: it would reject a list of HxWx3 arrays of different sizes;
+            # decode_inputs checks every input form and reports bad items per row.
+            signature=False,
+            pip_requirements=_requirements(),
+        )
     return info.model_uri
 
 
@@ -149,22 +156,36 @@ class RegisterResult:
                 f"split: it {what}")
 
 
-def register(cfg: RegisterConfig, name: str, run_id: str, test_metrics: dict[str, Any],
-             split_id: str, score_champion=None) -> RegisterResult:
+def register(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[str, Any],
+             prepared: str | Path, positive_class: str | None = None,
+             experiment: str | None = None) -> RegisterResult:
     """Register the run's model; move ``cfg.alias`` to it only if it beats the champion.
 
     The champion's figure is its tag when it was measured on the same test split
-    (``split_id``); otherwise ``score_champion(model_uri) -> metrics`` re-measures it
-    on the current split, so the comparison is always like for like.
+    as this model; otherwise the champion is re-scored on this test split, so the
+    comparison is always like for like.
     """
+    from pipeline.prepare import split_id
+
+    set_tracking(experiment)
+    sid = split_id(prepared, "test")
+    return promote(cfg, name, model_uri, test_metrics, sid,
+                   lambda uri: score_on_split(uri, prepared, "test", positive_class))
+
+
+def promote(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[str, Any],
+            split_id: str, score_champion: Callable[[str], dict[str, Any]]) -> RegisterResult:
+    """Register ``model_uri`` as a new version of ``name``; apply the champion rule."""
     client = mlflow.MlflowClient()
-    if cfg.metric not in test_metrics:
+    if cfg.metric not in test_metrics or not isinstance(test_metrics[cfg.metric], float):
         raise ValueError(f"register.metric '{cfg.metric}' is not among the test metrics "
                          f"{sorted(k for k, v in test_metrics.items() if isinstance(v, float))}")
     value = float(test_metrics[cfg.metric])
     champion = _current(client, name, cfg.alias)
-    mv = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", name)
-    tags = {"split_id": split_id, "run_id": run_id, f"test_{cfg.metric}": f"{value:.6f}"}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hints.*")
+        mv = mlflow.register_model(model_uri, name)
+    tags = {"split_id": split_id, "run_id": mv.run_id or "", f"test_{cfg.metric}": f"{value:.6f}"}
     for key, val in tags.items():
         client.set_model_version_tag(mv.name, mv.version, key, val)
     champ_value = None
@@ -180,6 +201,16 @@ def register(cfg: RegisterConfig, name: str, run_id: str, test_metrics: dict[str
     return result
 
 
+def set_tracking(experiment: str | None = None) -> None:
+    """Point MLflow at the pipeline's tracking URI (and experiment, if given)."""
+    from pipeline.tracking import setup_mlflow, tracking_uri
+
+    if experiment:
+        setup_mlflow(experiment)
+    else:
+        mlflow.set_tracking_uri(tracking_uri())
+
+
 def _current(client: mlflow.MlflowClient, name: str, alias: str):
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -191,17 +222,19 @@ def _champion_value(champion, cfg: RegisterConfig, split_id: str, score_champion
     tag = champion.tags.get(f"test_{cfg.metric}")
     if champion.tags.get("split_id") == split_id and tag is not None:
         return float(tag)
-    if score_champion is None:
-        raise ValueError(f"champion v{champion.version} was measured on another test split and "
-                         "no scorer was given to re-measure it")
     log.info("champion v%s was measured on another split: re-scoring it", champion.version)
     return float(score_champion(f"models:/{champion.name}/{champion.version}")[cfg.metric])
 
 
-def score_model_uri(model_uri: str, images: np.ndarray, labels: np.ndarray,
-                    class_names: list[str], positive_class: str | None) -> dict[str, Any]:
-    """Metrics of a registered pyfunc on given images (used to re-measure a champion)."""
-    model = mlflow.pyfunc.load_model(model_uri)
-    preds = model.predict(list(np.asarray(images)))
+def score_on_split(model_uri: str, prepared: str | Path, split: str,
+                   positive_class: str | None) -> dict[str, Any]:
+    """Metrics of a registered pyfunc on the original images of a prepared split."""
+    manifest = pd.read_parquet(Path(prepared) / "manifest.parquet")
+    class_names = sorted(manifest["label"].unique())
+    rows = manifest[manifest["split"] == split]
+    images = [(Path(prepared) / "images" / p).read_bytes() for p in rows["path"]]
+    preds = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image": images}))
+    labels = rows["label"].map({c: i for i, c in enumerate(class_names)}).to_numpy()
     probs = preds[[f"prob_{c}" for c in class_names]].to_numpy()
-    return classification_metrics(labels, probs, class_names, positive_class)
+    return classification_metrics(labels, probs, class_names,
+                                  positive_class if positive_class in class_names else None)

@@ -9,8 +9,9 @@ MLflow logging and a checkpoint every epoch (resumed after a worker failure).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -29,14 +30,16 @@ from pipeline.augment import build_train_transform
 from pipeline.config import AugmentConfig, TrainConfig, flatten
 from pipeline.inference import ModelMeta, save_checkpoint, to_tensor
 from pipeline.models import create_model, model_info
-from pipeline.prepare import load_split
+from pipeline.prepare import load_split, split_id
+from pipeline.registry import log_pyfunc
 from pipeline.tracking import setup_mlflow
-from pipeline.utils import atomic_path, init_ray, seed_everything, write_json
+from pipeline.utils import atomic_path, init_ray, seed_everything
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
+RUN_ID_FILE = "mlflow_run_id.txt"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class TrainResult:
 
     model_path: Path
     run_id: str
+    model_uri: str
     best_epoch: int
     history: pd.DataFrame
 
@@ -94,10 +98,11 @@ def train(
                      positive_class)
     uri = setup_mlflow(experiment)
     init_ray()
-    with mlflow.start_run(run_name="train") as run:
-        mlflow.log_params(flatten({"train": asdict(cfg), "augment": asdict(augment),
-                                   **(extra_params or {})}))
-        mlflow.log_params({"n_train": len(train_y), "n_val": len(val_y),
+    params = flatten({"train": asdict(cfg), "augment": asdict(augment), **(extra_params or {})})
+    run_dir = _run_dir(cfg, params, prepared)
+    with mlflow.start_run(run_id=_previous_run_id(run_dir), run_name="train") as run:
+        (run_dir / RUN_ID_FILE).write_text(run.info.run_id)
+        mlflow.log_params({**params, "n_train": len(train_y), "n_val": len(val_y),
                            "class_names": ",".join(class_names), "image_size": meta.image_size})
         loop_config = {
             "cfg": cfg, "augment": augment, "meta": meta, "tracking_uri": uri,
@@ -113,8 +118,8 @@ def train(
                 resources_per_worker={"CPU": cfg.cpus_per_worker},
             ),
             run_config=RunConfig(
-                name=f"{experiment}-{cfg.model}",
-                storage_path=_storage_path(cfg.storage_path),
+                name=run_dir.name,
+                storage_path=str(run_dir.parent),
                 checkpoint_config=CheckpointConfig(
                     num_to_keep=2, checkpoint_score_attribute="val_loss",
                     checkpoint_score_order="min"),
@@ -122,18 +127,53 @@ def train(
             ),
         )
         result = trainer.fit()
-        best_ckpt, best_metrics = min(result.best_checkpoints, key=lambda c: c[1]["val_loss"])
+        best_ckpt, best = min(result.best_checkpoints, key=lambda c: c[1]["val_loss"])
         out_dir.mkdir(parents=True, exist_ok=True)
         with best_ckpt.as_directory() as d, atomic_path(out_dir / MODEL_FILE) as tmp:
             shutil.copyfile(Path(d) / MODEL_FILE, tmp)
         history = _history(run.info.run_id)
-        mlflow.log_artifact(str(out_dir / MODEL_FILE), artifact_path="checkpoint")
-        mlflow.log_metrics({"best_epoch": best_metrics["epoch"],
-                            "best_val_loss": best_metrics["val_loss"],
-                            "best_val_acc": best_metrics["val_acc"]})
-    log.info("best epoch %d: val_loss %.4f val_acc %.4f", best_metrics["epoch"],
-             best_metrics["val_loss"], best_metrics["val_acc"])
-    return TrainResult(out_dir / MODEL_FILE, run.info.run_id, int(best_metrics["epoch"]), history)
+        mlflow.log_metrics({"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
+                            "best_val_acc": best["val_acc"]})
+        model_uri = log_pyfunc(out_dir / MODEL_FILE, np.asarray(train_x[0]))
+    # The run finished: a later run with the same settings starts afresh.
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("best epoch %d: val_loss %.4f val_acc %.4f", best["epoch"], best["val_loss"],
+             best["val_acc"])
+    return TrainResult(out_dir / MODEL_FILE, run.info.run_id, model_uri, int(best["epoch"]), history)
+
+
+def _run_dir(cfg: TrainConfig, params: dict[str, Any], prepared: Path) -> Path:
+    """Ray Train storage folder named by a hash of the settings and the data.
+
+    Ray Train resumes a run whose ``(storage_path, name)`` already exists, so an
+    interrupted ``dvc repro`` with unchanged params picks up from its last
+    checkpoint, while any change of params or data starts a new run.
+    """
+    key = json.dumps(params, sort_keys=True, default=str)
+    key += split_id(prepared, "train") + split_id(prepared, "val")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    root = Path(cfg.storage_path) if "://" not in cfg.storage_path else None
+    if root is None:
+        raise ValueError("train.storage_path must be a local or shared-filesystem path")
+    run_dir = root.resolve() / f"{cfg.model}-{digest}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _previous_run_id(run_dir: Path) -> str | None:
+    """MLflow run of an interrupted attempt at this run, to continue it."""
+    import mlflow
+
+    path = run_dir / RUN_ID_FILE
+    if not path.exists():
+        return None
+    run_id = path.read_text().strip()
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    log.info("resuming interrupted run %s from %s", run_id, run_dir)
+    return run_id
 
 
 def _history(run_id: str) -> pd.DataFrame:
@@ -146,11 +186,6 @@ def _history(run_id: str) -> pd.DataFrame:
                            columns=["epoch", k]).drop_duplicates("epoch", keep="last").set_index("epoch")
               for k in keys]
     return pd.concat(frames, axis=1).sort_index().reset_index()
-
-
-def _storage_path(path: str) -> str:
-    """Absolute local path, or a URI (``s3://``, ``gs://``) passed through as is."""
-    return path if "://" in path else str(Path(path).resolve())
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -196,7 +231,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                    channels_last, optimizer, epoch, rank)
         scheduler.step()
         elapsed = time.perf_counter() - t0
-        val_loss, val_acc, _ = _run_epoch(model, val_loader, loss_fn, meta, device, channels_last)
+        val_loss, val_acc, _ = _run_epoch(model, val_loader, loss_fn, meta, device, channels_last,
+                                           epoch=epoch, rank=rank)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
                    "epoch_time_s": elapsed, "images_per_s": n_seen / elapsed}

@@ -82,17 +82,6 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray on loopback.
 
@@ -108,4 +97,4 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(log_to_driver=True)
     else:
         ray.init(_node_ip_address=os.environ.get("PIPELINE_RAY_NODE_IP", "127.0.0.2"),
-                 include_dashboard=False, num_cpus=num_cpus)
+                 num_cpus=num_cpus)

@@ -1,0 +1,196 @@
+"""Batch scoring with Ray Data: the registered model over a folder or zip of images.
+
+The driver resolves the model URI once (an alias becomes a fixed version, so
+every actor scores with the same model even if the alias moves mid-job), lists
+the inputs, and streams ``map_batches`` through a pool of stateful
+:class:`BatchPredictor` actors into one Parquet file. An unreadable image
+becomes a row with its error; it never stops the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from pipeline.config import ScoreConfig
+from pipeline.datasets import is_image_name
+from pipeline.utils import atomic_path, init_ray
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    output: Path
+    model_uri: str
+    n_images: int
+    n_errors: int
+    n_skipped: int
+    images_per_s: float
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    uri: str  # models:/<name>/<version> or the given URI
+    name: str
+    version: str
+
+
+def resolve_model(uri: str) -> ResolvedModel:
+    """Turn ``models:/<name>@<alias>`` into the version it points to now."""
+    import mlflow
+
+    if uri.startswith("models:/") and "@" in uri:
+        name, alias = uri[len("models:/"):].split("@", 1)
+        try:
+            mv = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+        except mlflow.exceptions.MlflowException as exc:
+            raise ValueError(f"no model version has alias '{alias}' in registered model "
+                             f"'{name}' ({exc.message}). Run the register stage first, or set "
+                             "score.model_uri.") from None
+        return ResolvedModel(f"models:/{name}/{mv.version}", name, str(mv.version))
+    if uri.startswith("models:/"):
+        name, _, version = uri[len("models:/"):].partition("/")
+        return ResolvedModel(uri, name, version)
+    return ResolvedModel(uri, "", "")
+
+
+def list_inputs(source: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """Image entries (``path``, ``container``) of a folder or zip, and the skipped names."""
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"score input {source} does not exist: set score.input to a "
+                                "folder or .zip of images")
+    if source.is_dir():
+        names = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
+    elif zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as zf:
+            names = sorted(m.filename for m in zf.infolist() if not m.is_dir())
+    else:
+        raise ValueError(f"score input {source} is neither a folder nor a zip archive")
+    keep = [n for n in names if is_image_name(n)]
+    skipped = [n for n in names if not is_image_name(n)]
+    return pd.DataFrame({"path": keep, "container": str(source.resolve())}), skipped
+
+
+def split_inputs(prepared: str | Path, split: str = "test") -> pd.DataFrame:
+    """Image entries of one split of a prepared dataset (its original files)."""
+    prepared = Path(prepared)
+    manifest = pd.read_parquet(prepared / "manifest.parquet", columns=["path", "split"])
+    paths = manifest.loc[manifest["split"] == split, "path"].sort_values().to_numpy()
+    return pd.DataFrame({"path": paths, "container": str((prepared / "images").resolve())})
+
+
+def read_bytes(container: str, path: str, zf: zipfile.ZipFile | None = None) -> bytes:
+    """Bytes of one input, from a folder or an open zip."""
+    if zf is not None:
+        return zf.read(path)
+    return (Path(container) / path).read_bytes()
+
+
+class BatchPredictor:
+    """Ray Data actor: loads the pyfunc once, then scores batches of paths."""
+
+    def __init__(self, model_uri: str, version: str, tracking_uri: str):
+        import mlflow
+
+        from pipeline.utils import set_quiet_env
+
+        set_quiet_env()
+        mlflow.set_tracking_uri(tracking_uri)
+        self.model = mlflow.pyfunc.load_model(model_uri)
+        self.version = version
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        items: list[bytes | None] = []
+        read_errors: list[str | None] = []
+        container = batch["container"].iloc[0]
+        zf = zipfile.ZipFile(container) if zipfile.is_zipfile(container) else None
+        try:
+            for path in batch["path"]:
+                try:
+                    items.append(read_bytes(container, path, zf))
+                    read_errors.append(None)
+                except (OSError, KeyError, zipfile.BadZipFile) as exc:
+                    items.append(b"")
+                    read_errors.append(f"cannot read file: {exc}")
+        finally:
+            if zf is not None:
+                zf.close()
+        preds = self.model.predict(pd.DataFrame({"image": items}))
+        preds["error"] = [r or e for r, e in zip(read_errors, preds["error"])]
+        preds.insert(0, "path", batch["path"].to_numpy())
+        preds["model_version"] = self.version
+        return preds
+
+
+def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
+          prepared: str | Path | None = None) -> ScoreResult:
+    """Score ``cfg.input`` (a folder or zip) with ``model_uri``; write a Parquet table.
+
+    With ``cfg.input`` empty, scores the test split of the ``prepared`` dataset.
+    """
+    import time
+
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.tracking import tracking_uri
+
+    model = resolve_model(model_uri)
+    if cfg.input:
+        inputs, skipped = list_inputs(cfg.input)
+    elif prepared is not None:
+        inputs, skipped = split_inputs(prepared), []
+    else:
+        raise ValueError("set score.input to a folder or zip of images to score")
+    if skipped:
+        log.info("skipping %d non-image files (e.g. %s)", len(skipped), skipped[:3])
+    init_ray()
+    t0 = time.perf_counter()
+    ds = ray.data.from_items(inputs.to_dict("records"))
+    ds = ds.map_batches(
+        BatchPredictor,
+        fn_constructor_kwargs={"model_uri": model.uri, "version": model.version,
+                               "tracking_uri": tracking_uri()},
+        batch_size=cfg.batch_size, batch_format="pandas", num_cpus=cfg.cpus_per_actor,
+        compute=ActorPoolStrategy(size=cfg.concurrency),
+    )
+    n, n_err = _write_parquet(ds, Path(output), len(inputs))
+    rate = n / max(time.perf_counter() - t0, 1e-9)
+    if n != len(inputs):
+        raise RuntimeError(f"scored {n} rows for {len(inputs)} inputs; output not trusted")
+    log.info("scored %d images with %s (v%s): %d errors, %.1f img/s -> %s",
+             n, model.name or model.uri, model.version, n_err, rate, output)
+    return ScoreResult(Path(output), model.uri, n, n_err, len(skipped), rate)
+
+
+def _write_parquet(ds, output: Path, total: int) -> tuple[int, int]:
+    """Stream the scored batches into one Parquet file, atomically."""
+    n = n_err = 0
+    writer = None
+    with atomic_path(output) as tmp, tqdm(total=total, desc="score", unit="img") as bar:
+        try:
+            for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+                table = pa.Table.from_pandas(batch, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table.cast(writer.schema))
+                n += len(batch)
+                n_err += int(batch["error"].notna().sum())
+                bar.update(len(batch))
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            pd.DataFrame(columns=["path", "predicted_label", "probability", "error", "model_version"]) \
+                .to_parquet(tmp, index=False)
+    return n, n_err

@@ -1,0 +1,21 @@
+"""DVC stage `evaluate`: test-split metrics and plots, logged to the training run."""
+
+import json
+import sys
+from pathlib import Path
+
+from common import load_params
+
+from pipeline.evaluate import evaluate
+
+
+def main(model_dir: str, prepared: str, metrics: str, plots_dir: str) -> None:
+    params = load_params()
+    run_id = json.loads((Path(model_dir) / "train.json").read_text())["run_id"]
+    result = evaluate(params.evaluate, Path(model_dir) / "model.pt", prepared, metrics, plots_dir,
+                      run_id=run_id)
+    print({k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,22 @@
+"""DVC stage `score`: Ray Data batch scoring with the champion model."""
+
+import json
+import sys
+from pathlib import Path
+
+from common import load_params
+
+from pipeline.score import score
+
+
+def main(registered: str, prepared: str, output: str) -> None:
+    params = load_params()
+    reg = json.loads(Path(registered).read_text())
+    model_uri = params.score.model_uri or f"models:/{reg['name']}@{params.register.alias}"
+    result = score(params.score, model_uri, output, prepared=prepared)
+    print(f"{result.n_images} images scored with {result.model_uri} ({result.n_errors} errors, "
+          f"{result.images_per_s:.1f} img/s) -> {result.output}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,27 @@
+"""DVC stage `train`: fine-tune with Ray Train; best checkpoint, history and run id out."""
+
+import sys
+from pathlib import Path
+
+from common import load_params
+
+from pipeline.train import train
+from pipeline.utils import atomic_path, write_json
+
+
+def main(prepared: str, model_dir: str, metrics: str, history: str) -> None:
+    params = load_params()
+    result = train(params.train, params.augment, prepared, model_dir, experiment=params.dataset,
+                   positive_class=params.evaluate.positive_class,
+                   extra_params={"dataset": params.dataset, "prepare": vars(params.prepare)})
+    write_json(Path(model_dir) / "train.json", {"run_id": result.run_id, "model_uri": result.model_uri})
+    last = result.history.iloc[-1]
+    write_json(metrics, {"best_epoch": result.best_epoch, "train_loss": last["train_loss"],
+                         "val_loss": last["val_loss"], "val_acc": last["val_acc"]})
+    with atomic_path(history) as tmp:
+        result.history.to_csv(tmp, index=False)
+    print(result.history.round(4).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,101 @@
+"""Shared fixtures: synthetic archives, the real sample, an isolated MLflow store, Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.utils import set_quiet_env
+
+set_quiet_env()
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_ZIP = REPO.parent / "shared" / "data" / "cell_images_sample.zip"
+SAMPLE_SHA256 = "e126241df6db48ee5e710370ef90aba547d10411c89d024a6e392f15be590163"
+
+
+@pytest.fixture(scope="session")
+def sample_zip() -> Path:
+    """The real 32-patient NIH sample beside the repository."""
+    if not SAMPLE_ZIP.exists():
+        pytest.fail(f"real sample missing: {SAMPLE_ZIP} (see ../shared/data/README.md)")
+    return SAMPLE_ZIP
+
+
+@pytest.fixture(scope="session")
+def synthetic_zip(tmp_path_factory) -> Path:
+    """A small synthetic archive with Thumbs.db files and two corrupt PNGs."""
+    from pipeline.synthetic import make_archive
+
+    return make_archive(tmp_path_factory.mktemp("synth") / "cells.zip", n_patients=10,
+                        cells_per_patient=16, seed=1, corrupt=2)
+
+
+@pytest.fixture(scope="session")
+def prepared_synthetic(synthetic_zip, tmp_path_factory) -> Path:
+    """The synthetic archive run through ``prepare`` at a tiny image size."""
+    from pipeline.config import PrepareConfig
+    from pipeline.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    prepare(synthetic_zip, out, PrepareConfig(image_size=32), "malaria")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    """A private sqlite MLflow store for the whole session (artifacts beside it)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance on loopback, shut down (only it) at the end."""
+    import ray
+
+    from pipeline.utils import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """An (untrained) small model checkpoint in the format ``train`` writes."""
+    from pipeline.inference import ModelMeta, save_checkpoint
+    from pipeline.models import create_model, model_info
+
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    info = model_info("baseline_cnn")
+    meta = ModelMeta("baseline_cnn", ("Parasitized", "Uninfected"), 32, info.mean, info.std,
+                     "Parasitized")
+    save_checkpoint(path, create_model("baseline_cnn", 2, pretrained=False), meta)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_uris(tracking_uri, checkpoint):
+    """Factory: log the checkpoint as a new pyfunc model in its own run; return its URI."""
+    import mlflow
+    import numpy as np
+
+    from pipeline.registry import log_pyfunc
+    from pipeline.synthetic import synthetic_cell
+
+    mlflow.set_experiment("tests")
+    example = synthetic_cell(np.random.default_rng(0), True, 40)
+
+    def log() -> str:
+        with mlflow.start_run():
+            return log_pyfunc(checkpoint, example)
+
+    return log

@@ -1,0 +1,106 @@
+"""download: local HTTP server on 127.0.0.1 (Range support), checksum refusal, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import DownloadConfig
+from pipeline.download import DownloadError, download
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves PAYLOAD at /archive.zip, honouring ``Range: bytes=N-``; counts requests."""
+
+    requests: list[str | None] = []
+
+    def do_GET(self):  # noqa: N802
+        if self.path != "/archive.zip":
+            self.send_error(404)
+            return
+        rng = self.headers.get("Range")
+        type(self).requests.append(rng)
+        start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+        body = PAYLOAD[start:]
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def server():
+    RangeHandler.requests = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_http_download_verifies_checksum(server, tmp_path):
+    out = tmp_path / "raw" / "malaria.zip"
+    result = download(DownloadConfig(f"{server}/archive.zip", SHA), out)
+    assert out.read_bytes() == PAYLOAD and result.sha256 == SHA
+    assert not out.with_name("malaria.zip.part").exists()
+
+
+def test_checksum_mismatch_is_refused_and_not_left_in_place(server, tmp_path):
+    out = tmp_path / "malaria.zip"
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        download(DownloadConfig(f"{server}/archive.zip", "0" * 64), out)
+    assert not out.exists()
+    assert (tmp_path / "malaria.zip.rejected").read_bytes() == PAYLOAD
+
+
+def test_partial_download_resumes_with_range(server, tmp_path):
+    out = tmp_path / "malaria.zip"
+    half = len(PAYLOAD) // 2
+    out.with_name("malaria.zip.part").write_bytes(PAYLOAD[:half])
+    download(DownloadConfig(f"{server}/archive.zip", SHA), out)
+    assert RangeHandler.requests == [f"bytes={half}-"]
+    assert out.read_bytes() == PAYLOAD
+
+
+def test_unreachable_source_fails_fast_and_says_what_to_do(tmp_path):
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(DownloadError, match="download.url") as err:
+        download(DownloadConfig(f"http://127.0.0.1:{port}/cell_images.zip", SHA, timeout_s=5),
+                 tmp_path / "malaria.zip")
+    assert time.perf_counter() - t0 < 30
+    assert "local copy" in str(err.value)
+
+
+def test_http_error_is_reported(server, tmp_path):
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download(DownloadConfig(f"{server}/missing.zip", SHA), tmp_path / "malaria.zip")
+
+
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_local_path_and_file_uri(tmp_path, as_uri):
+    src = tmp_path / "mirror" / "cell_images.zip"
+    src.parent.mkdir()
+    src.write_bytes(PAYLOAD)
+    url = src.as_uri() if as_uri else str(src)
+    download(DownloadConfig(url, SHA), tmp_path / "malaria.zip")
+    assert (tmp_path / "malaria.zip").read_bytes() == PAYLOAD
+
+
+def test_missing_local_copy_message(tmp_path):
+    with pytest.raises(DownloadError, match="does not exist"):
+        download(DownloadConfig(str(tmp_path / "nope.zip"), SHA), tmp_path / "malaria.zip")

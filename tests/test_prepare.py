@@ -1,0 +1,75 @@
+"""prepare: safe extraction, skipping non-images, quarantine, manifest and arrays."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import PrepareConfig
+from pipeline.prepare import UnsafeArchiveError, load_split, prepare, safe_member_path
+from pipeline.synthetic import png_bytes, synthetic_cell
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "cell_images/../../evil.png", "/etc/evil.png",
+                                  "C:/evil.png", "..\\evil.png"])
+def test_member_paths_that_escape_are_refused(tmp_path, name):
+    with pytest.raises(UnsafeArchiveError):
+        safe_member_path(name, tmp_path / "images")
+
+
+def test_archive_with_escaping_member_writes_nothing(tmp_path):
+    archive = tmp_path / "evil.zip"
+    img = png_bytes(synthetic_cell(np.random.default_rng(0), True, 40))
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("cell_images/Parasitized/C1P1ThinF_a.png", img)
+        zf.writestr("cell_images/../../escaped.png", img)
+    with pytest.raises(UnsafeArchiveError, match="escaped.png"):
+        prepare(archive, tmp_path / "work" / "prepared", PrepareConfig(image_size=16), "malaria")
+    assert not (tmp_path / "escaped.png").exists()
+    assert not (tmp_path / "work" / "escaped.png").exists()
+    assert not (tmp_path / "work" / "prepared").exists()
+
+
+def test_thumbs_db_skipped_and_corrupt_images_quarantined(prepared_synthetic):
+    report = pd.read_json(prepared_synthetic / "report.json", typ="series")
+    assert report["n_skipped_non_images"] == 3  # two Thumbs.db and the README
+    assert any(s.endswith("Thumbs.db") for s in report["skipped"])
+    assert report["n_quarantined"] == 2
+    quarantine = pd.read_csv(prepared_synthetic / "quarantine" / "quarantine.csv")
+    assert quarantine["path"].str.contains("bad_cell").all()
+    assert (prepared_synthetic / "quarantine" / quarantine["path"][0]).exists()
+    manifest = pd.read_parquet(prepared_synthetic / "manifest.parquet")
+    assert not manifest["path"].str.contains("bad_cell|Thumbs").any()
+    assert len(manifest) == 160  # every readable image kept: no silent loss
+
+
+def test_manifest_columns_and_arrays_agree(prepared_synthetic):
+    manifest = pd.read_parquet(prepared_synthetic / "manifest.parquet")
+    assert {"path", "label", "patient_id", "split", "width", "height", "sha256"} <= set(manifest)
+    assert (prepared_synthetic / "images" / manifest["path"][0]).is_file()
+    total = 0
+    for split in ("train", "val", "test"):
+        images, labels, classes = load_split(prepared_synthetic, split)
+        assert images.shape[1:] == (32, 32, 3) and images.dtype == np.uint8
+        assert len(images) == len(labels) == (manifest["split"] == split).sum()
+        assert classes == ["Parasitized", "Uninfected"]
+        total += len(images)
+    assert total == len(manifest)
+
+
+def test_max_images_takes_a_seeded_subset(synthetic_zip, tmp_path):
+    a = prepare(synthetic_zip, tmp_path / "a", PrepareConfig(image_size=16, max_images=50), "malaria")
+    b = prepare(synthetic_zip, tmp_path / "b", PrepareConfig(image_size=16, max_images=50), "malaria")
+    assert len(a.manifest) == 50
+    assert a.manifest["path"].tolist() == b.manifest["path"].tolist()
+
+
+def test_empty_archive_is_a_clear_error(tmp_path):
+    archive = tmp_path / "empty.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("cell_images/Parasitized/Thumbs.db", b"x")
+    with pytest.raises(ValueError, match="no readable images"):
+        prepare(archive, tmp_path / "out", PrepareConfig(), "malaria")

@@ -1,0 +1,102 @@
+"""registry: the pyfunc on raw images (fresh process), and the champion rule."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import RegisterConfig
+from pipeline.registry import decode_inputs, promote
+from pipeline.synthetic import png_bytes, synthetic_cell
+
+CFG = RegisterConfig(metric="roc_auc", alias="champion")
+
+
+def _metrics(auc: float) -> dict:
+    return {"roc_auc": auc, "accuracy": 0.9}
+
+
+def test_worse_model_does_not_take_the_alias(model_uris):
+    name = "rule-test"
+    first = promote(CFG, name, model_uris(), _metrics(0.90), "split-a", lambda uri: pytest.fail())
+    assert first.promoted and first.champion_before is None
+    worse = promote(CFG, name, model_uris(), _metrics(0.85), "split-a", lambda uri: pytest.fail())
+    assert not worse.promoted and "stays without the alias" in worse.summary()
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first.version
+    tie = promote(CFG, name, model_uris(), _metrics(0.90), "split-a", lambda uri: pytest.fail())
+    assert not tie.promoted  # only a strictly better model moves the alias
+    better = promote(CFG, name, model_uris(), _metrics(0.95), "split-a", lambda uri: pytest.fail())
+    assert better.promoted
+    assert str(client.get_model_version_by_alias(name, "champion").version) == better.version
+    tags = client.get_model_version(name, better.version).tags
+    assert tags["split_id"] == "split-a" and float(tags["test_roc_auc"]) == pytest.approx(0.95)
+
+
+def test_champion_from_another_split_is_rescored_on_this_one(model_uris):
+    name = "rescore-test"
+    promote(CFG, name, model_uris(), _metrics(0.99), "old-split", lambda uri: pytest.fail())
+    seen = []
+
+    def rescore(uri: str) -> dict:
+        seen.append(uri)
+        return _metrics(0.80)  # the old champion is weaker on the new split
+
+    result = promote(CFG, name, model_uris(), _metrics(0.90), "new-split", rescore)
+    assert seen == [f"models:/{name}/1"]
+    assert result.promoted and result.champion_value == pytest.approx(0.80)
+
+
+def test_lower_is_better_metric_and_unknown_metric(model_uris):
+    cfg = RegisterConfig(metric="log_loss")
+    promote(cfg, "loss-test", model_uris(), {"log_loss": 0.30}, "s", lambda u: pytest.fail())
+    assert promote(cfg, "loss-test", model_uris(), {"log_loss": 0.20}, "s", lambda u: pytest.fail()).promoted
+    with pytest.raises(ValueError, match="not among the test metrics"):
+        promote(RegisterConfig(metric="auroc"), "x", model_uris(), _metrics(0.9), "s", None)
+
+
+def test_decode_inputs_accepts_every_form_and_reports_bad_items():
+    img = synthetic_cell(np.random.default_rng(0), True, 30)
+    import base64
+
+    images, errors = decode_inputs([img, png_bytes(img), base64.b64encode(png_bytes(img)).decode(),
+                                    b"not an image", np.zeros((4, 4))])
+    assert [e is None for e in errors] == [True, True, True, False, True]
+    assert all(im.shape == (30, 30, 3) for im in images[:3])
+    assert images[4].shape == (4, 4, 3)
+    frame_images, _ = decode_inputs(pd.DataFrame({"image": [png_bytes(img)]}))
+    assert np.array_equal(frame_images[0], img)
+
+
+def test_registered_pyfunc_predicts_raw_images_in_a_fresh_process(model_uris, tracking_uri, tmp_path):
+    uri = model_uris()
+    mv = mlflow.register_model(uri, "fresh-process-test")
+    mlflow.MlflowClient().set_registered_model_alias("fresh-process-test", "champion", mv.version)
+    script = textwrap.dedent("""
+        import mlflow, numpy as np, io
+        from PIL import Image
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in [(50, 70), (130, 90), (20, 20)]]
+        model = mlflow.pyfunc.load_model("models:/fresh-process-test@champion")
+        out = model.predict(images)
+        assert len(out) == 3, out
+        assert out["error"].isna().all(), out
+        assert set(out["predicted_label"]) <= {"Parasitized", "Uninfected"}
+        p = out[["prob_Parasitized", "prob_Uninfected"]].sum(axis=1)
+        assert np.allclose(p, 1.0, atol=1e-5), p
+        print("OK", out["predicted_label"].tolist())
+    """)
+    # A fresh interpreter outside the repository: the model must carry its own code.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    proc = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("OK")
