@@ -1,0 +1,63 @@
+"""End to end: `dvc repro` of every stage on a small real subset of the NIH sample."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import mlflow
+import pandas as pd
+import pytest
+
+from pipeline.project import deep_update, dvc, repro, scaffold
+from tests.conftest import SAMPLE_SHA256
+
+
+def test_deep_update_merges_sections():
+    base = {"a": 1, "train": {"epochs": 3, "lr": 0.1}}
+    assert deep_update(base, {"train": {"epochs": 1}}) == {"a": 1, "train": {"epochs": 1, "lr": 0.1}}
+    assert base["train"]["epochs"] == 3
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_every_stage_on_the_real_sample(sample_zip, tmp_path):
+    project = scaffold(tmp_path / "project", {
+        "download": {"url": str(sample_zip), "sha256": SAMPLE_SHA256},
+        "prepare": {"image_size": 32, "max_images": 400},
+        "train": {"epochs": 1, "batch_size": 32},
+        "score": {"batch_size": 32},
+    })
+    repro(project)
+
+    assert (project / "data/raw/malaria.zip").stat().st_size == sample_zip.stat().st_size
+    manifest = pd.read_parquet(project / "data/prepared/manifest.parquet")
+    assert len(manifest) == 400
+    assert (manifest.groupby("patient_id")["split"].nunique() == 1).all()
+    history = pd.read_csv(project / "plots/train/history.csv")
+    assert history["epoch"].tolist() == [1] and history["val_loss"].notna().all()
+    assert (project / "models/model.pt").is_file()
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    assert {"accuracy", "roc_auc", "sensitivity", "specificity", "f1", "confusion_matrix"} <= set(metrics)
+    assert sum(map(sum, metrics["confusion_matrix"])) == (manifest["split"] == "test").sum()
+    for plot in ("roc.csv", "confusion.csv", "roc.png", "confusion_matrix.png"):
+        assert (project / "plots/evaluate" / plot).stat().st_size > 0
+    registered = json.loads((project / "models/register.json").read_text())
+    assert registered["promoted"] and registered["version"] == "1"
+    scores = pd.read_parquet(project / "data/scores/predictions.parquet")
+    assert len(scores) == metrics["n"] and scores["error"].isna().all()
+    assert set(scores["path"]) == set(manifest.loc[manifest["split"] == "test", "path"])
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    run_id = json.loads((project / "models/train.json").read_text())["run_id"]
+    run = mlflow.get_run(run_id)
+    assert {"train_loss", "val_loss", "val_acc", "test_accuracy", "test_roc_auc"} <= set(run.data.metrics)
+    assert run.data.params["train.model"] == "efficientnet_lite0"
+    champion = mlflow.MlflowClient().get_model_version_by_alias("malaria", "champion")
+    assert str(champion.version) == "1"
+
+    t0 = time.perf_counter()
+    out = dvc(project, "repro", capture_output=True, text=True).stdout
+    assert time.perf_counter() - t0 < 15
+    assert "Running stage" not in out
+    shown = dvc(project, "metrics", "show", "--json", capture_output=True, text=True).stdout
+    assert "roc_auc" in shown

@@ -1,0 +1,75 @@
+"""score: Ray Data batch scoring of a folder or zip, with a corrupt image in the input."""
+
+from __future__ import annotations
+
+import zipfile
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import ScoreConfig
+from pipeline.score import list_inputs, resolve_model, score
+from pipeline.synthetic import png_bytes, synthetic_cell
+
+
+@pytest.fixture(scope="module")
+def champion(model_uris) -> str:
+    mv = mlflow.register_model(model_uris(), "score-test")
+    mlflow.MlflowClient().set_registered_model_alias("score-test", "champion", mv.version)
+    return "models:/score-test@champion"
+
+
+@pytest.fixture()
+def image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cells"
+    (root / "a").mkdir(parents=True)
+    for i in range(7):
+        (root / "a" / f"cell_{i}.png").write_bytes(png_bytes(synthetic_cell(rng, i % 2 == 0)))
+    good = png_bytes(synthetic_cell(rng, True))
+    (root / "a" / "broken.png").write_bytes(good[: len(good) // 2])
+    (root / "a" / "Thumbs.db").write_bytes(b"not an image")
+    return root
+
+
+def test_corrupt_image_gets_an_error_row_and_the_rest_are_scored(ray_local, champion,
+                                                                 image_folder, tmp_path):
+    out = tmp_path / "scores" / "predictions.parquet"
+    result = score(ScoreConfig(input=str(image_folder), batch_size=3), champion, out)
+    table = pd.read_parquet(out)
+    assert len(table) == result.n_images == 8  # Thumbs.db is skipped, not scored
+    assert result.n_skipped == 1 and result.n_errors == 1
+    bad = table[table["path"] == "a/broken.png"].iloc[0]
+    assert "image" in bad["error"] and pd.isna(bad["predicted_label"])
+    good = table[table["path"] != "a/broken.png"]
+    assert good["error"].isna().all()
+    assert set(good["predicted_label"]) <= {"Parasitized", "Uninfected"}
+    assert ((good["probability"] >= 0.5) & (good["probability"] <= 1)).all()
+    assert (table["model_version"] == "1").all()
+    assert {"path", "predicted_label", "probability", "model_version", "error"} <= set(table)
+
+
+def test_zip_input_scores_the_same_as_the_folder(ray_local, champion, image_folder, tmp_path):
+    archive = tmp_path / "cells.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(image_folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(image_folder).as_posix())
+    a = pd.read_parquet(score(ScoreConfig(input=str(image_folder)), champion, tmp_path / "a.parquet").output)
+    b = pd.read_parquet(score(ScoreConfig(input=str(archive)), champion, tmp_path / "b.parquet").output)
+    a, b = a.sort_values("path").reset_index(drop=True), b.sort_values("path").reset_index(drop=True)
+    assert a["path"].tolist() == b["path"].tolist()
+    assert np.allclose(a["probability"].fillna(-1), b["probability"].fillna(-1))
+
+
+def test_alias_resolves_to_a_fixed_version_and_missing_alias_is_clear(champion, tracking_uri):
+    assert resolve_model(champion).uri == "models:/score-test/1"
+    with pytest.raises(ValueError, match="Run the register stage"):
+        resolve_model("models:/score-test@no-such-alias")
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="score.input"):
+        list_inputs(tmp_path / "nowhere")
