@@ -126,11 +126,23 @@ class TrainConfig:
 
     model: str = "efficientnet_lite0"
     pretrained: bool = True
+    regime: str = "finetune_all"  # scratch | feature_extract | finetune_top | finetune_all
+    top_blocks: int = 2  # blocks below the head that train in finetune_top
+    backbone_lr_factor: float = 1.0  # backbone lr = lr * factor (discriminative lr)
     epochs: int = 3
     batch_size: int = 64
+    optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-4
+    scheduler: str = "cosine"  # cosine | step | constant, after warm-up
+    warmup_epochs: int = 0
+    step_size: int = 1  # step scheduler: epochs per decay
+    gamma: float = 0.1  # step scheduler: decay factor
     label_smoothing: float = 0.0
+    class_weights: bool = False  # balanced class weights in the loss
+    early_stopping_patience: int = 0  # epochs without val_loss improvement; 0 = off
+    amp: bool = True  # mixed precision, on CUDA only
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0

@@ -30,7 +30,9 @@ from pipeline.augment import build_train_transform
 from pipeline.config import AugmentConfig, TrainConfig, flatten
 from pipeline.inference import ModelMeta, save_checkpoint, to_tensor
 from pipeline.models import create_model, model_info
+from pipeline.optim import EarlyStopping, build_loss, build_optimizer, build_scheduler
 from pipeline.prepare import load_split, split_id
+from pipeline.regimes import apply_regime
 from pipeline.registry import log_pyfunc
 from pipeline.tracking import setup_mlflow
 from pipeline.utils import atomic_path, init_ray, seed_everything
@@ -188,9 +190,21 @@ def _history(run_id: str) -> pd.DataFrame:
     return pd.concat(frames, axis=1).sort_index().reset_index()
 
 
+@dataclass
+class _Loop:
+    """What one epoch pass needs, built once per worker."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    meta: ModelMeta
+    device: torch.device
+    channels_last: bool
+    scaler: torch.amp.GradScaler | None
+    rank: int
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: build data and model, then train and validate per epoch."""
-    import ray
     import ray.train
     from ray.train.torch import get_device, prepare_data_loader, prepare_model
 
@@ -201,42 +215,50 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(cfg.seed + rank)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     device = get_device()
-    channels_last = cfg.channels_last
-
     train_x, train_y = _get(config["train"])
     val_x, val_y = _get(config["val"])
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = prepare_data_loader(DataLoader(
         ArrayDataset(train_x, train_y, build_train_transform(config["augment"])),
-        batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=g, drop_last=len(train_y) > cfg.batch_size * world))
+        batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=g,
+        drop_last=len(train_y) > cfg.batch_size * world))
     val_loader = prepare_data_loader(DataLoader(
         ArrayDataset(val_x, val_y), batch_size=cfg.batch_size * 2, collate_fn=collate))
 
-    model = create_model(cfg.model, len(meta.class_names), pretrained=cfg.pretrained)
-    if channels_last:
+    num_classes = len(meta.class_names)
+    model = create_model(cfg.model, num_classes, pretrained=cfg.pretrained and cfg.regime != "scratch")
+    plan = apply_regime(model, cfg.regime, cfg.lr, cfg.top_blocks, cfg.backbone_lr_factor)
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    optimizer = build_optimizer(cfg, plan.param_groups)
+    scheduler = build_scheduler(cfg, optimizer)
+    stopper = EarlyStopping(cfg.early_stopping_patience)
+    amp = cfg.amp and device.type == "cuda"
+    loop = _Loop(model, build_loss(cfg, train_y, num_classes).to(device), meta, device,
+                 cfg.channels_last, torch.amp.GradScaler("cuda") if amp else None, rank)
 
-    start_epoch = _resume(ray.train.get_checkpoint(), model, optimizer, scheduler)
+    start_epoch = _resume(ray.train.get_checkpoint(), model, optimizer, scheduler, stopper)
     mlflow_run = _open_mlflow(config) if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc, n_seen = _run_epoch(model, train_loader, loss_fn, meta, device,
-                                                   channels_last, optimizer, epoch, rank)
+        train_loss, train_acc, n_seen = _run_epoch(loop, train_loader, epoch, optimizer)
         scheduler.step()
         elapsed = time.perf_counter() - t0
-        val_loss, val_acc, _ = _run_epoch(model, val_loader, loss_fn, meta, device, channels_last,
-                                           epoch=epoch, rank=rank)
+        val_loss, val_acc, _ = _run_epoch(loop, val_loader, epoch)
+        stop = stopper.step(val_loss)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
-                   "epoch_time_s": elapsed, "images_per_s": n_seen / elapsed}
-        _report(metrics, model, optimizer, scheduler, meta, rank, mlflow_run)
+                   "epoch_time_s": elapsed, "images_per_s": n_seen / elapsed,
+                   "trainable_params": plan.trainable}
+        _report(metrics, model, optimizer, scheduler, stopper, meta, rank, mlflow_run)
+        if stop:
+            log.info("early stopping after epoch %d: no val_loss improvement for %d epochs",
+                     epoch + 1, stopper.patience)
+            break
 
 
 def _get(ref):
@@ -252,34 +274,41 @@ def _open_mlflow(config: dict[str, Any]):
     return mlflow.MlflowClient(), config["run_id"]
 
 
-def _run_epoch(model, loader, loss_fn, meta, device, channels_last, optimizer=None,
-               epoch: int = 0, rank: int = 0) -> tuple[float, float, int]:
+def _run_epoch(loop: _Loop, loader, epoch: int, optimizer=None) -> tuple[float, float, int]:
     """One pass over ``loader`` (training if ``optimizer``), averaged over all workers."""
     from tqdm.auto import tqdm
 
-    model.train(optimizer is not None)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    from pipeline.regimes import train_mode
+
+    train_mode(loop.model) if optimizer is not None else loop.model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=loop.device)  # loss sum, correct, count
     desc = f"epoch {epoch + 1} {'train' if optimizer else 'val'}"
     with torch.set_grad_enabled(optimizer is not None):
-        for images, labels in tqdm(loader, desc=desc, disable=rank != 0, mininterval=10):
-            x = to_tensor(images, meta, device, channels_last)
-            labels = labels.to(device)
-            logits = model(x)
-            loss = loss_fn(logits, labels)
+        for images, labels in tqdm(loader, desc=desc, disable=loop.rank != 0, mininterval=10):
+            x = to_tensor(images, loop.meta, loop.device, loop.channels_last)
+            labels = labels.to(loop.device)
+            with torch.autocast(loop.device.type, enabled=loop.scaler is not None):
+                logits = loop.model(x)
+                loss = loop.loss_fn(logits.float(), labels)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if loop.scaler is not None:
+                    loop.scaler.scale(loss).backward()
+                    loop.scaler.step(optimizer)
+                    loop.scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
             totals += torch.tensor([loss.item() * len(labels),
                                     (logits.argmax(1) == labels).sum().item(), len(labels)],
-                                   dtype=torch.float64, device=device)
+                                   dtype=torch.float64, device=loop.device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     loss_sum, correct, count = totals.tolist()
     return loss_sum / max(count, 1), correct / max(count, 1), int(count)
 
 
-def _report(metrics, model, optimizer, scheduler, meta, rank, mlflow_run) -> None:
+def _report(metrics, model, optimizer, scheduler, stopper, meta, rank, mlflow_run) -> None:
     """Report epoch metrics to Ray Train; rank 0 also checkpoints and logs to MLflow."""
     import ray.train
     from ray.train import Checkpoint
@@ -296,11 +325,11 @@ def _report(metrics, model, optimizer, scheduler, meta, rank, mlflow_run) -> Non
         module = model.module if hasattr(model, "module") else model
         save_checkpoint(Path(d) / MODEL_FILE, module, meta)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "epoch": metrics["epoch"]}, Path(d) / STATE_FILE)
+                    "epoch": metrics["epoch"], "stopper": asdict(stopper)}, Path(d) / STATE_FILE)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
-def _resume(checkpoint, model, optimizer, scheduler) -> int:
+def _resume(checkpoint, model, optimizer, scheduler, stopper) -> int:
     """Load the last checkpoint after a restart; return the epoch to start from."""
     if checkpoint is None:
         return 0
@@ -311,5 +340,6 @@ def _resume(checkpoint, model, optimizer, scheduler) -> int:
     module.load_state_dict(weights["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    stopper.best, stopper.bad_epochs = state["stopper"]["best"], state["stopper"]["bad_epochs"]
     log.info("resumed from checkpoint after epoch %d", state["epoch"])
     return int(state["epoch"])
