@@ -26,3 +26,13 @@ def test_int_promotes_to_float_and_flatten():
     cfg = from_dict(TrainConfig, {"lr": 1})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
     assert flatten({"a": {"b": 1, "c": {"d": 2}}}) == {"a.b": 1, "a.c.d": 2}
+
+
+def test_params_yaml_lists_every_knob():
+    import dataclasses
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, cls in [(f.name, f.default_factory().__class__) for f in dataclasses.fields(Params)
+                         if f.default_factory is not dataclasses.MISSING]:
+        fields = {x.name for x in dataclasses.fields(cls)}
+        assert set(raw[section]) == fields, (section, fields ^ set(raw[section]))
