@@ -8,7 +8,7 @@ import numpy as np
 from pipeline.config import AugmentConfig
 
 
-def build_train_transform(cfg: AugmentConfig) -> A.Compose:
+def build_train_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compose:
     """Training-time augmentation of uint8 RGB cell images (no resizing, no normalising).
 
     Cell crops have no canonical orientation, so flips and any rotation are safe;
@@ -25,7 +25,8 @@ def build_train_transform(cfg: AugmentConfig) -> A.Compose:
                              p=cfg.hue_saturation),
         A.GaussNoise(std_range=(0.02, 0.06), p=cfg.gauss_noise),
     ]
-    return A.Compose([t for t in transforms if t.p > 0])
+    # Albumentations 2 draws from its own generator: seed it, or runs do not repeat.
+    return A.Compose([t for t in transforms if t.p > 0], seed=seed)
 
 
 def apply(transform: A.Compose, images: np.ndarray) -> np.ndarray:

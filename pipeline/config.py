@@ -157,8 +157,14 @@ class EvaluateConfig:
     """Test-split evaluation settings."""
 
     batch_size: int = 256
-    tta: bool = False
+    tta: bool = False  # mean probability over the 8 flips/rotations
     positive_class: str = "Parasitized"
+    target_sensitivity: float = 0.98  # operating point, chosen on the validation split
+    patient_threshold: float = 0.1  # share of a patient's cells called positive to diagnose
+    bootstrap: int = 1000  # patient-bootstrap resamples for confidence intervals
+    ci_level: float = 0.95
+    temperature_scaling: bool = False  # fit a temperature on validation, apply to test
+    gradcam_images: int = 16  # worst test errors shown with Grad-CAM
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,24 @@
-"""Test-split evaluation: DVC metrics and plots, logged to the training run."""
+"""Test-split evaluation: metrics with patient-bootstrap CIs, operating point, patient-level
+results, calibration, plots (CSV for ``dvc plots``, PNG for people) and one report."""
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
-
-from pipeline.config import EvaluateConfig  # noqa: E402
-from pipeline.inference import Predictor  # noqa: E402
-from pipeline.metrics import classification_metrics  # noqa: E402
-from pipeline.prepare import load_split  # noqa: E402
-from pipeline.utils import atomic_path, write_json  # noqa: E402
+from pipeline import clinical
+from pipeline.config import EvaluateConfig
+from pipeline.inference import Predictor
+from pipeline.metrics import classification_metrics
+from pipeline.plots import write_plots
+from pipeline.prepare import load_split
+from pipeline.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 class EvaluateResult:
     metrics: dict
     plots: dict[str, Path]
+    report: Path
+
+
+@dataclass(frozen=True)
+class SplitPredictions:
+    labels: np.ndarray
+    probs: np.ndarray
+    groups: np.ndarray
+    images: np.ndarray
 
 
 def predict_split(model_path: str | Path, prepared: str | Path, split: str,
@@ -39,64 +48,116 @@ def predict_split(model_path: str | Path, prepared: str | Path, split: str,
     return labels, predictor.predict_resized(images), class_names, predictor
 
 
-def evaluate(cfg: EvaluateConfig, model_path: str | Path, prepared: str | Path,
-             metrics_path: str | Path, plots_dir: str | Path, run_id: str | None = None) -> EvaluateResult:
-    """Score the test split, write metrics JSON and ROC / confusion-matrix plots."""
-    labels, probs, class_names, predictor = predict_split(model_path, prepared, "test",
-                                                          cfg.batch_size, cfg.tta)
-    positive = cfg.positive_class if cfg.positive_class in class_names else None
-    metrics = classification_metrics(labels, probs, class_names, positive)
-    metrics["tta"] = cfg.tta
+def _split(predictor: Predictor, prepared: Path, split: str) -> SplitPredictions:
+    images, labels, _ = load_split(prepared, split)
+    manifest = pd.read_parquet(prepared / "manifest.parquet", columns=["split", "index", "patient_id"])
+    groups = manifest[manifest["split"] == split].sort_values("index")["patient_id"].to_numpy()
+    return SplitPredictions(labels, predictor.predict_resized(images), groups, images)
+
+
+def evaluate(cfg: EvaluateConfig, model_path: str | Path, prepared: str | Path, metrics_path: str | Path,
+             plots_dir: str | Path, report_path: str | Path, run_id: str | None = None) -> EvaluateResult:
+    """Score the validation and test splits; write metrics JSON, plots and a markdown report."""
+    prepared = Path(prepared)
+    predictor = Predictor.from_checkpoint(model_path, batch_size=cfg.batch_size, tta=cfg.tta)
+    classes = list(predictor.meta.class_names)
+    _, _, data_classes = load_split(prepared, "test")
+    if classes != data_classes:
+        raise ValueError(f"model classes {classes} differ from the data's {data_classes}")
+    val, test = _split(predictor, prepared, "val"), _split(predictor, prepared, "test")
+    temperature = 1.0
+    if cfg.temperature_scaling:
+        temperature = clinical.fit_temperature(val.probs, val.labels)
+        val = SplitPredictions(val.labels, clinical.apply_temperature(val.probs, temperature), val.groups, val.images)
+        test = SplitPredictions(test.labels, clinical.apply_temperature(test.probs, temperature), test.groups, test.images)
+    positive = cfg.positive_class if cfg.positive_class in classes else None
+    metrics = classification_metrics(test.labels, test.probs, classes, positive)
+    metrics.update(tta=cfg.tta, temperature=temperature, per_class=_per_class(test, classes))
+    sections: dict[str, pd.DataFrame | str] = {}
+    if len(classes) == 2:
+        metrics_binary, sections = _binary(cfg, val, test, classes.index(positive or classes[0]))
+        metrics.update(metrics_binary)
+    plots = write_plots(test.labels, test.probs, classes, positive, Path(plots_dir))
+    plots.update(_gradcam(cfg, predictor, test, classes, Path(plots_dir)))
     write_json(metrics_path, metrics)
-    plots = write_plots(labels, probs, class_names, positive, Path(plots_dir))
+    report = write_report(Path(report_path), metrics, sections, plots, classes)
     log.info("test: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
     if run_id:
-        _log_to_mlflow(run_id, metrics, plots)
-    return EvaluateResult(metrics, plots)
+        _log_to_mlflow(run_id, metrics, [*plots.values(), report])
+    return EvaluateResult(metrics, plots, report)
 
 
-def write_plots(labels: np.ndarray, probs: np.ndarray, class_names: list[str],
-                positive: str | None, out: Path) -> dict[str, Path]:
-    """ROC curve and confusion data as CSV (for ``dvc plots``) and PNG (for people)."""
-    out.mkdir(parents=True, exist_ok=True)
-    pos = class_names.index(positive) if positive else len(class_names) - 1
-    fpr, tpr, thr = skm.roc_curve(labels == pos, probs[:, pos])
-    roc = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(thr, 1.0)})
-    confusion = pd.DataFrame({"actual": np.array(class_names)[labels],
-                              "predicted": np.array(class_names)[probs.argmax(1)]})
-    paths = {"roc": out / "roc.csv", "confusion": out / "confusion.csv",
-             "roc_png": out / "roc.png", "confusion_png": out / "confusion_matrix.png"}
-    for key, frame in (("roc", roc), ("confusion", confusion)):
-        with atomic_path(paths[key]) as tmp:
-            frame.to_csv(tmp, index=False)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(fpr, tpr, label=f"AUC = {skm.auc(fpr, tpr):.4f}")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="False positive rate", ylabel="True positive rate", title=f"ROC ({class_names[pos]})")
-    ax.legend(loc="lower right")
-    _save(fig, paths["roc_png"])
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    skm.ConfusionMatrixDisplay.from_predictions(confusion["actual"], confusion["predicted"],
-                                                labels=class_names, ax=ax, colorbar=False)
-    ax.set_title("Confusion matrix (test)")
-    _save(fig, paths["confusion_png"])
-    return paths
+def _per_class(test: SplitPredictions, classes: list[str]) -> dict[str, dict[str, float]]:
+    rep = skm.classification_report(test.labels, test.probs.argmax(1), labels=list(range(len(classes))),
+                                    target_names=classes, output_dict=True, zero_division=0)
+    return {c: {k: float(v) for k, v in rep[c].items()} for c in classes}
 
 
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
+def _binary(cfg: EvaluateConfig, val: SplitPredictions, test: SplitPredictions, pos: int):
+    """Operating point, bootstrap CIs, patient level and calibration for a binary task."""
+    v_pos, t_pos = (val.labels == pos).astype(int), (test.labels == pos).astype(int)
+    v_p, t_p = val.probs[:, pos], test.probs[:, pos]
+    thr = clinical.threshold_for_sensitivity(v_pos, v_p, cfg.target_sensitivity)
+    ci = {name: clinical.bootstrap_ci(t_pos, t_p, test.groups, t, cfg.bootstrap, cfg.ci_level)
+          for name, t in (("threshold 0.5", 0.5), (f"operating point {thr:.3f}", thr))}
+    patients, patient_summary = clinical.patient_level(test.groups, t_pos, t_p, thr, cfg.patient_threshold)
+    ece, reliability = clinical.expected_calibration_error(t_pos, t_p)
+    at_05, at_op = ci["threshold 0.5"], ci[f"operating point {thr:.3f}"]
+    out = {"pr_auc": float(at_05.at["pr_auc", "value"]), "ece": ece, "operating_threshold": thr,
+           "operating_sensitivity": float(at_op.at["sensitivity", "value"]),
+           "operating_specificity": float(at_op.at["specificity", "value"]), **patient_summary}
+    for metric in ("accuracy", "roc_auc", "sensitivity", "specificity"):
+        out[f"{metric}_ci_low"] = float(at_05.at[metric, "ci_low"])
+        out[f"{metric}_ci_high"] = float(at_05.at[metric, "ci_high"])
+    sections = {**{f"Cell level, {k} ({cfg.ci_level:.0%} CI, bootstrap over {len(np.unique(test.groups))} "
+                   f"patients x {cfg.bootstrap})": v for k, v in ci.items()},
+                "Patient level": patients, "Reliability (test)": reliability}
+    return out, sections
+
+
+def _gradcam(cfg: EvaluateConfig, predictor: Predictor, test: SplitPredictions, classes: list[str],
+             out: Path) -> dict[str, Path]:
+    from pipeline.explain import grad_cam, worst_errors
+    from pipeline.plots import gradcam_grid
+
+    idx = worst_errors(test.labels, test.probs, cfg.gradcam_images)
+    if not len(idx):
+        return {}
+    images = np.asarray(test.images[idx])
+    pred = test.probs[idx].argmax(1)
+    cams = grad_cam(predictor.model, predictor.meta, images, pred)
+    titles = [f"true {classes[t]}\npred {classes[p]} {test.probs[i, p]:.2f}"
+              for i, t, p in zip(idx, test.labels[idx], pred)]
+    return {"gradcam_png": gradcam_grid(images, cams, titles, out / "gradcam_worst_errors.png")}
+
+
+def write_report(path: Path, metrics: dict, sections: dict, plots: dict[str, Path], classes: list[str]) -> Path:
+    """One markdown page with every table and plot of the evaluation."""
+    lines = ["# Evaluation report (test split)", "",
+             f"Classes: {', '.join(classes)}. Cells: {metrics['n']}. "
+             f"TTA: {metrics['tta']}. Temperature: {metrics['temperature']:.3f}.", ""]
+    summary = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    lines += ["## Summary", "", pd.Series(summary).round(4).to_frame("value").to_markdown(), ""]
+    for title, table in sections.items():
+        lines += [f"## {title}", "", table.round(4).to_markdown(), ""]
+    lines += ["## Per class", "", pd.DataFrame(metrics["per_class"]).T.round(4).to_markdown(), ""]
+    lines += ["## Plots", ""]
+    for key, p in plots.items():
+        if str(p).endswith(".png"):
+            lines += [f"![{key}]({os.path.relpath(Path(p).resolve(), path.parent.resolve())})", ""]
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+        tmp.write_text("\n".join(lines))
+    return path
 
 
-def _log_to_mlflow(run_id: str, metrics: dict, plots: dict[str, Path]) -> None:
+def _log_to_mlflow(run_id: str, metrics: dict, files: list[Path]) -> None:
     import mlflow
 
     from pipeline.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
-        for path in plots.values():
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()
+                            if isinstance(v, float) and np.isfinite(v)})
+        for path in files:
             mlflow.log_artifact(str(path), artifact_path="evaluate")

@@ -219,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_x, val_y = _get(config["val"])
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = prepare_data_loader(DataLoader(
-        ArrayDataset(train_x, train_y, build_train_transform(config["augment"])),
+        ArrayDataset(train_x, train_y, build_train_transform(config["augment"], cfg.seed + rank)),
         batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=g,
         drop_last=len(train_y) > cfg.batch_size * world))
     val_loader = prepare_data_loader(DataLoader(

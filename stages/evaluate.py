@@ -9,12 +9,13 @@ from common import load_params
 from pipeline.evaluate import evaluate
 
 
-def main(model_dir: str, prepared: str, metrics: str, plots_dir: str) -> None:
+def main(model_dir: str, prepared: str, metrics: str, plots_dir: str, report: str) -> None:
     params = load_params()
     run_id = json.loads((Path(model_dir) / "train.json").read_text())["run_id"]
     result = evaluate(params.evaluate, Path(model_dir) / "model.pt", prepared, metrics, plots_dir,
-                      run_id=run_id)
+                      report, run_id=run_id)
     print({k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})
+    print(f"report: {result.report}")
 
 
 if __name__ == "__main__":

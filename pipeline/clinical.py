@@ -1,0 +1,113 @@
+"""Clinical evaluation: patient-bootstrap confidence intervals, an operating point
+chosen on validation, patient-level diagnosis, and calibration.
+
+Every figure comes from scikit-learn; this module only decides *what* to compute
+(resampling patients, not cells, because cells of one patient are correlated).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+CELL_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "sensitivity",
+                "specificity", "f1")
+
+
+def binary_metrics(is_pos: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Cell-level figures for the positive class at ``threshold``."""
+    pred = (p_pos >= threshold).astype(int)
+    two = len(np.unique(is_pos)) == 2
+    return {
+        "accuracy": skm.accuracy_score(is_pos, pred),
+        "balanced_accuracy": skm.balanced_accuracy_score(is_pos, pred) if two else np.nan,
+        "roc_auc": skm.roc_auc_score(is_pos, p_pos) if two else np.nan,
+        "pr_auc": skm.average_precision_score(is_pos, p_pos) if two else np.nan,
+        "sensitivity": skm.recall_score(is_pos, pred, zero_division=np.nan),
+        "specificity": skm.recall_score(1 - is_pos, 1 - pred, zero_division=np.nan),
+        "f1": skm.f1_score(is_pos, pred, zero_division=np.nan),
+    }
+
+
+def bootstrap_ci(is_pos: np.ndarray, p_pos: np.ndarray, groups: np.ndarray, threshold: float,
+                 n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Point estimate and percentile CI of each cell metric, resampling whole patients."""
+    rng = np.random.default_rng(seed)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
+    draws = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        draws.append(binary_metrics(is_pos[idx], p_pos[idx], threshold))
+    boot = pd.DataFrame(draws)
+    alpha = (1 - level) / 2
+    point = binary_metrics(is_pos, p_pos, threshold)
+    return pd.DataFrame({
+        "value": pd.Series(point),
+        "ci_low": boot.quantile(alpha, numeric_only=True),
+        "ci_high": boot.quantile(1 - alpha, numeric_only=True),
+    }).loc[list(CELL_METRICS)]
+
+
+def threshold_for_sensitivity(is_pos: np.ndarray, p_pos: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity reaches ``target`` (chosen on validation)."""
+    fpr, tpr, thr = skm.roc_curve(is_pos, p_pos)
+    ok = np.flatnonzero(tpr >= target)
+    return float(min(thr[ok[0]], 1.0)) if len(ok) else 0.0
+
+
+def patient_level(groups: np.ndarray, is_pos: np.ndarray, p_pos: np.ndarray, cell_threshold: float,
+                  patient_threshold: float) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Per patient: share of cells called positive and a diagnosis; patient sens/spec.
+
+    A patient is truly positive when any of their cells is labelled positive, and
+    is called positive when the share of positive calls reaches ``patient_threshold``.
+    """
+    frame = pd.DataFrame({"patient_id": groups, "truth": is_pos,
+                          "called": (p_pos >= cell_threshold).astype(int)})
+    per = frame.groupby("patient_id").agg(cells=("truth", "size"), positive_cells=("truth", "sum"),
+                                          called_fraction=("called", "mean")).reset_index()
+    per["infected"] = (per["positive_cells"] > 0).astype(int)
+    per["diagnosis"] = (per["called_fraction"] >= patient_threshold).astype(int)
+    summary = {
+        "patients": len(per),
+        "patient_sensitivity": skm.recall_score(per["infected"], per["diagnosis"], zero_division=np.nan),
+        "patient_specificity": skm.recall_score(1 - per["infected"], 1 - per["diagnosis"],
+                                                zero_division=np.nan),
+        "patient_accuracy": skm.accuracy_score(per["infected"], per["diagnosis"]),
+    }
+    return per, {k: float(v) for k, v in summary.items()}
+
+
+def expected_calibration_error(is_pos: np.ndarray, p_pos: np.ndarray, bins: int = 15) -> tuple[float, pd.DataFrame]:
+    """ECE over equal-width bins of the positive probability, and the reliability table."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p_pos, edges[1:-1]), 0, bins - 1)
+    table = pd.DataFrame({"bin": which, "p": p_pos, "y": is_pos}).groupby("bin").agg(
+        confidence=("p", "mean"), frequency=("y", "mean"), count=("y", "size")).reset_index()
+    ece = float((table["count"] * (table["confidence"] - table["frequency"]).abs()).sum() / len(p_pos))
+    return ece, table
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature T minimising validation log loss of ``softmax(log p / T)``."""
+    from scipy.optimize import minimize_scalar
+
+    logp = np.log(np.clip(probs, 1e-12, 1))
+
+    def nll(t: float) -> float:
+        return skm.log_loss(labels, apply_temperature_logp(logp, t), labels=list(range(probs.shape[1])))
+
+    return float(minimize_scalar(nll, bounds=(0.05, 20), method="bounded").x)
+
+
+def apply_temperature(probs: np.ndarray, t: float) -> np.ndarray:
+    """Probabilities rescaled by temperature ``t`` (1 = unchanged)."""
+    return apply_temperature_logp(np.log(np.clip(probs, 1e-12, 1)), t)
+
+
+def apply_temperature_logp(logp: np.ndarray, t: float) -> np.ndarray:
+    z = logp / t
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)

@@ -1,0 +1,89 @@
+"""Evaluation plots: CSV for ``dvc plots`` and PNG for people (and MLflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+
+from pipeline.clinical import expected_calibration_error  # noqa: E402
+from pipeline.utils import atomic_path  # noqa: E402
+
+
+def write_plots(labels: np.ndarray, probs: np.ndarray, class_names: list[str],
+                positive: str | None, out: Path) -> dict[str, Path]:
+    """ROC, precision-recall, confusion matrix and reliability diagram of the test split."""
+    out.mkdir(parents=True, exist_ok=True)
+    pos = class_names.index(positive) if positive else len(class_names) - 1
+    is_pos = (labels == pos).astype(int)
+    fpr, tpr, thr = skm.roc_curve(is_pos, probs[:, pos])
+    precision, recall, _ = skm.precision_recall_curve(is_pos, probs[:, pos])
+    ece, reliability = expected_calibration_error(is_pos, probs[:, pos])
+    frames = {
+        "roc": pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(thr, 1.0)}),
+        "pr": pd.DataFrame({"recall": recall, "precision": precision}),
+        "confusion": pd.DataFrame({"actual": np.array(class_names)[labels],
+                                   "predicted": np.array(class_names)[probs.argmax(1)]}),
+        "reliability": reliability,
+    }
+    paths = {key: out / f"{key}.csv" for key in frames}
+    for key, frame in frames.items():
+        with atomic_path(paths[key]) as tmp:
+            frame.to_csv(tmp, index=False)
+    name = class_names[pos]
+    paths["roc_png"] = _curve(fpr, tpr, f"AUC = {skm.auc(fpr, tpr):.4f}", "False positive rate",
+                              "True positive rate", f"ROC ({name})", out / "roc.png", diagonal=True)
+    paths["pr_png"] = _curve(recall, precision, f"AP = {skm.average_precision_score(is_pos, probs[:, pos]):.4f}",
+                             "Recall", "Precision", f"Precision-recall ({name})", out / "pr.png")
+    paths["reliability_png"] = _curve(reliability["confidence"], reliability["frequency"],
+                                      f"ECE = {ece:.4f}", f"Predicted P({name})", "Observed frequency",
+                                      "Reliability diagram", out / "reliability.png", diagonal=True,
+                                      marker="o")
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    skm.ConfusionMatrixDisplay.from_predictions(frames["confusion"]["actual"], frames["confusion"]["predicted"],
+                                                labels=class_names, ax=ax, colorbar=False)
+    ax.set_title("Confusion matrix (test)")
+    paths["confusion_png"] = _save(fig, out / "confusion_matrix.png")
+    return paths
+
+
+def _curve(x, y, label: str, xlabel: str, ylabel: str, title: str, path: Path,
+           diagonal: bool = False, marker: str | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(x, y, label=label, marker=marker)
+    if diagonal:
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def gradcam_grid(images: np.ndarray, cams: np.ndarray, titles: list[str], path: Path, cols: int = 4) -> Path:
+    """Each image beside its Grad-CAM overlay, with a caption."""
+    rows = int(np.ceil(len(images) / cols))
+    fig, axes = plt.subplots(rows, cols * 2, figsize=(cols * 3.2, rows * 1.9), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, (img, cam, title) in enumerate(zip(images, cams, titles)):
+        r, c = divmod(i, cols)
+        axes[r, 2 * c].imshow(img)
+        axes[r, 2 * c].set_title(title, fontsize=7)
+        axes[r, 2 * c + 1].imshow(img)
+        axes[r, 2 * c + 1].imshow(cam, cmap="jet", alpha=0.45)
+        axes[r, 2 * c + 1].set_title("Grad-CAM", fontsize=7)
+    fig.suptitle("Most confident test errors", fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
