@@ -1,4 +1,5 @@
-"""Command line: ``python -m pipeline demo`` runs every stage on synthetic cells."""
+"""Command line: ``pipeline demo`` (every stage on synthetic cells), ``pipeline score``
+(batch scoring outside DVC), ``pipeline rollback`` (move the champion alias back)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,28 @@ def synth(args: argparse.Namespace) -> None:
     print(path)
 
 
+def score_cmd(args: argparse.Namespace) -> None:
+    """Score a folder, zip, glob or list of images with a registered model."""
+    from pipeline.config import ScoreConfig
+    from pipeline.score import score
+
+    cfg = ScoreConfig(input=args.input, batch_size=args.batch_size, concurrency=args.concurrency,
+                      cpus_per_actor=args.cpus_per_actor, use_gpu=args.gpu, tta=args.tta)
+    result = score(cfg, args.model, args.output)
+    print(f"scored {result.n_images - result.n_errors} / {result.n_images} images "
+          f"({result.n_errors} failed, {result.n_skipped} non-image files skipped) with "
+          f"{result.model_uri} at {result.images_per_s:.1f} img/s -> {result.output}")
+
+
+def rollback_cmd(args: argparse.Namespace) -> None:
+    """Move the alias back to the previous champion (or a named version)."""
+    from pipeline.registry import rollback, set_tracking
+
+    set_tracking()
+    left, now = rollback(args.name, args.alias, args.to)
+    print(f"{args.name}: alias '{args.alias}' moved from v{left} to v{now}")
+
+
 def main(argv: list[str] | None = None) -> None:
     set_quiet_env()
     setup_logging()
@@ -63,6 +86,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corrupt", type=int, default=0)
     p.set_defaults(func=synth)
+    p = sub.add_parser("score", help="batch-score images with a registered model (Ray Data)")
+    p.add_argument("--model", required=True, help="e.g. models:/malaria@champion")
+    p.add_argument("--input", required=True,
+                   help="folder, .zip, glob ('cells/*.png') or .csv/.parquet with a 'path' column")
+    p.add_argument("--output", required=True, help="predictions .parquet")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=1, help="predictor actors")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--tta", action="store_true", help="average over 8 flips/rotations")
+    p.set_defaults(func=score_cmd)
+    p = sub.add_parser("rollback", help="move the champion alias back")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--to", default=None, help="version (default: the previous champion)")
+    p.set_defaults(func=rollback_cmd)
     args = parser.parse_args(argv)
     args.func(args)
 

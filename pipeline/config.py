@@ -173,6 +173,7 @@ class RegisterConfig:
 
     model_name: str = ""  # empty = the dataset's name
     metric: str = "roc_auc"
+    margin: float = 0.0  # the new model must beat the champion by more than this
     alias: str = "champion"
 
 
@@ -183,8 +184,10 @@ class ScoreConfig:
     input: str = ""  # folder or zip; empty = the test split of the manifest
     model_uri: str = ""  # empty = models:/<register.model_name>@champion
     batch_size: int = 64
-    concurrency: int = 1
+    concurrency: int = 1  # predictor actors
     cpus_per_actor: float = 1.0
+    use_gpu: bool = False  # one GPU per actor
+    tta: bool = False  # mean probability over the 8 flips/rotations
 
 
 @dataclass(frozen=True)

@@ -59,10 +59,10 @@ def _specificities(cm: np.ndarray) -> np.ndarray:
     return tn / np.maximum(tn + fp, 1)
 
 
-def is_better(metric: str, new: float, old: float) -> bool:
-    """Whether ``new`` beats ``old`` on ``metric`` (NaN never beats anything)."""
+def is_better(metric: str, new: float, old: float, margin: float = 0.0) -> bool:
+    """Whether ``new`` beats ``old`` on ``metric`` by more than ``margin`` (NaN never wins)."""
     if np.isnan(new):
         return False
     if np.isnan(old):
         return True
-    return new < old if metric in LOWER_IS_BETTER else new > old
+    return new < old - margin if metric in LOWER_IS_BETTER else new > old + margin

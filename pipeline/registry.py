@@ -161,7 +161,7 @@ class RegisterResult:
 
 def register(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[str, Any],
              prepared: str | Path, positive_class: str | None = None,
-             experiment: str | None = None) -> RegisterResult:
+             experiment: str | None = None, params: dict[str, Any] | None = None) -> RegisterResult:
     """Register the run's model; move ``cfg.alias`` to it only if it beats the champion.
 
     The champion's figure is its tag when it was measured on the same test split
@@ -173,11 +173,37 @@ def register(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[
     set_tracking(experiment)
     sid = split_id(prepared, "test")
     return promote(cfg, name, model_uri, test_metrics, sid,
-                   lambda uri: score_on_split(uri, prepared, "test", positive_class))
+                   lambda uri: score_on_split(uri, prepared, "test", positive_class),
+                   provenance(prepared, test_metrics, params))
+
+
+def provenance(prepared: str | Path, test_metrics: dict[str, Any],
+               params: dict[str, Any] | None) -> dict[str, str]:
+    """Tags that say where a version came from: data hash, git commit, params, metrics."""
+    import json
+    import subprocess
+
+    from pipeline.prepare import split_id
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit += "+uncommitted" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown (not a git checkout)"
+    tags = {"dataset_id": "-".join(split_id(prepared, s) for s in ("train", "val", "test")),
+            "git_commit": commit}
+    if params:
+        tags["params"] = json.dumps(params, sort_keys=True, default=str)[:5000]
+    tags.update({f"test_{k}": f"{v:.6f}" for k, v in test_metrics.items() if isinstance(v, float)})
+    return tags
 
 
 def promote(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[str, Any],
-            split_id: str, score_champion: Callable[[str], dict[str, Any]]) -> RegisterResult:
+            split_id: str, score_champion: Callable[[str], dict[str, Any]],
+            tags: dict[str, str] | None = None) -> RegisterResult:
     """Register ``model_uri`` as a new version of ``name``; apply the champion rule."""
     client = mlflow.MlflowClient()
     if cfg.metric not in test_metrics or not isinstance(test_metrics[cfg.metric], float):
@@ -188,20 +214,46 @@ def promote(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[s
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*type hints.*")
         mv = mlflow.register_model(model_uri, name)
-    tags = {"split_id": split_id, "run_id": mv.run_id or "", f"test_{cfg.metric}": f"{value:.6f}"}
+    tags = {**(tags or {}), "split_id": split_id, "run_id": mv.run_id or "",
+            f"test_{cfg.metric}": f"{value:.6f}"}
     for key, val in tags.items():
         client.set_model_version_tag(mv.name, mv.version, key, val)
     champ_value = None
     if champion is not None:
         champ_value = _champion_value(champion, cfg, split_id, score_champion)
-    promoted = champion is None or is_better(cfg.metric, value, champ_value)
+    promoted = champion is None or is_better(cfg.metric, value, champ_value, cfg.margin)
     if promoted:
         client.set_registered_model_alias(mv.name, cfg.alias, mv.version)
+        if champion is not None:
+            client.set_model_version_tag(mv.name, mv.version, f"previous_{cfg.alias}",
+                                         str(champion.version))
     result = RegisterResult(mv.name, str(mv.version), cfg.metric, value,
                             None if champion is None else str(champion.version), champ_value, promoted)
     client.set_model_version_tag(mv.name, mv.version, "promotion", result.summary())
     log.info(result.summary())
     return result
+
+
+def rollback(name: str, alias: str = "champion", to: str | None = None) -> tuple[str, str]:
+    """Move ``alias`` back to the version it had before (or to version ``to``).
+
+    Returns:
+        (version it left, version it points to now)
+    """
+    client = mlflow.MlflowClient()
+    current = _current(client, name, alias)
+    if current is None:
+        raise ValueError(f"registered model '{name}' has no alias '{alias}' to roll back")
+    target = to or current.tags.get(f"previous_{alias}")
+    if not target:
+        raise ValueError(f"{name} v{current.version} has no previous {alias} recorded; "
+                         f"name the version to roll back to")
+    client.get_model_version(name, target)  # fails clearly if it does not exist
+    client.set_registered_model_alias(name, alias, target)
+    client.set_model_version_tag(name, str(current.version), "rolled_back",
+                                 f"{alias} moved back to v{target}")
+    log.info("%s: alias %s moved from v%s back to v%s", name, alias, current.version, target)
+    return str(current.version), str(target)
 
 
 def set_tracking(experiment: str | None = None) -> None:

@@ -9,6 +9,7 @@ becomes a row with its error; it never stops the job.
 
 from __future__ import annotations
 
+import glob
 import logging
 import zipfile
 from dataclasses import dataclass
@@ -64,21 +65,42 @@ def resolve_model(uri: str) -> ResolvedModel:
 
 
 def list_inputs(source: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """Image entries (``path``, ``container``) of a folder or zip, and the skipped names."""
+    """Image entries (``path``, ``container``) of the input, and the skipped non-image names.
+
+    ``source`` is a folder (searched recursively), a zip, a glob pattern
+    (``cells/**/*.png``) or a ``.csv``/``.parquet`` list with a ``path`` column
+    (relative paths are relative to the list). Files listed but missing are kept:
+    they get a row with their error, never silently dropped.
+    """
+    text = str(source)
+    if any(c in text for c in "*?["):
+        names = sorted(str(Path(p).resolve()) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        return _split_names(names, "")
     source = Path(source)
     if not source.exists():
-        raise FileNotFoundError(f"score input {source} does not exist: set score.input to a "
-                                "folder or .zip of images")
+        raise FileNotFoundError(f"score input {source} does not exist: give a folder, .zip, glob "
+                                "or .csv/.parquet list of images (score.input)")
+    if source.suffix.lower() in (".csv", ".parquet"):
+        table = pd.read_csv(source) if source.suffix.lower() == ".csv" else pd.read_parquet(source)
+        if "path" not in table.columns:
+            raise ValueError(f"{source} needs a 'path' column of image paths")
+        base = source.resolve().parent
+        return pd.DataFrame({"path": [str(base / p) for p in table["path"].astype(str)],
+                             "container": ""}), []
     if source.is_dir():
         names = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
     elif zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as zf:
             names = sorted(m.filename for m in zf.infolist() if not m.is_dir())
     else:
-        raise ValueError(f"score input {source} is neither a folder nor a zip archive")
+        raise ValueError(f"score input {source} is not a folder, zip, glob or .csv/.parquet list")
+    return _split_names(names, str(source.resolve()))
+
+
+def _split_names(names: list[str], container: str) -> tuple[pd.DataFrame, list[str]]:
     keep = [n for n in names if is_image_name(n)]
     skipped = [n for n in names if not is_image_name(n)]
-    return pd.DataFrame({"path": keep, "container": str(source.resolve())}), skipped
+    return pd.DataFrame({"path": keep, "container": container}), skipped
 
 
 def split_inputs(prepared: str | Path, split: str = "test") -> pd.DataFrame:
@@ -93,13 +115,13 @@ def read_bytes(container: str, path: str, zf: zipfile.ZipFile | None = None) -> 
     """Bytes of one input, from a folder or an open zip."""
     if zf is not None:
         return zf.read(path)
-    return (Path(container) / path).read_bytes()
+    return (Path(container) / path if container else Path(path)).read_bytes()
 
 
 class BatchPredictor:
     """Ray Data actor: loads the pyfunc once, then scores batches of paths."""
 
-    def __init__(self, model_uri: str, version: str, tracking_uri: str):
+    def __init__(self, model_uri: str, version: str, tracking_uri: str, tta: bool = False):
         import mlflow
 
         from pipeline.utils import set_quiet_env
@@ -107,13 +129,14 @@ class BatchPredictor:
         set_quiet_env()
         mlflow.set_tracking_uri(tracking_uri)
         self.model = mlflow.pyfunc.load_model(model_uri)
+        self.model.unwrap_python_model().predictor.tta = tta
         self.version = version
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         items: list[bytes | None] = []
         read_errors: list[str | None] = []
         container = batch["container"].iloc[0]
-        zf = zipfile.ZipFile(container) if zipfile.is_zipfile(container) else None
+        zf = zipfile.ZipFile(container) if container and zipfile.is_zipfile(container) else None
         try:
             for path in batch["path"]:
                 try:
@@ -160,8 +183,9 @@ def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
     ds = ds.map_batches(
         BatchPredictor,
         fn_constructor_kwargs={"model_uri": model.uri, "version": model.version,
-                               "tracking_uri": tracking_uri()},
+                               "tracking_uri": tracking_uri(), "tta": cfg.tta},
         batch_size=cfg.batch_size, batch_format="pandas", num_cpus=cfg.cpus_per_actor,
+        num_gpus=1 if cfg.use_gpu else None,
         compute=ActorPoolStrategy(size=cfg.concurrency),
     )
     n, n_err = _write_parquet(ds, Path(output), len(inputs))

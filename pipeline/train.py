@@ -183,7 +183,8 @@ def _history(run_id: str) -> pd.DataFrame:
     import mlflow
 
     client = mlflow.MlflowClient()
-    keys = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s"]
+    keys = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s",
+            "trainable_params"]
     frames = [pd.DataFrame([(m.step, m.value) for m in client.get_metric_history(run_id, k)],
                            columns=["epoch", k]).drop_duplicates("epoch", keep="last").set_index("epoch")
               for k in keys]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -100,3 +101,75 @@ def test_registered_pyfunc_predicts_raw_images_in_a_fresh_process(model_uris, tr
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("OK")
+
+
+def test_margin_and_rollback_restore_the_previous_champion(model_uris):
+    from pipeline.registry import rollback
+
+    name = "rollback-test"
+    cfg = RegisterConfig(metric="roc_auc", margin=0.02)
+    v1 = promote(cfg, name, model_uris(), _metrics(0.90), "s", lambda u: pytest.fail())
+    small = promote(cfg, name, model_uris(), _metrics(0.91), "s", lambda u: pytest.fail())
+    assert not small.promoted  # better, but not by the margin
+    v3 = promote(cfg, name, model_uris(), _metrics(0.95), "s", lambda u: pytest.fail())
+    assert v3.promoted
+    client = mlflow.MlflowClient()
+    assert client.get_model_version(name, v3.version).tags["previous_champion"] == v1.version
+    left, now = rollback(name)
+    assert (left, now) == (v3.version, v1.version)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1.version
+    assert "rolled_back" in client.get_model_version(name, v3.version).tags
+    rollback(name, to=small.version)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == small.version
+    with pytest.raises(ValueError, match="no alias"):
+        rollback(name, alias="no-such-alias")
+
+
+def test_register_tags_provenance(model_uris, prepared_synthetic):
+    from pipeline.registry import register
+
+    result = register(RegisterConfig(), "provenance-test", model_uris(), _metrics(0.9),
+                      prepared_synthetic, "Parasitized", params={"train": {"epochs": 3}})
+    tags = mlflow.MlflowClient().get_model_version("provenance-test", result.version).tags
+    assert len(tags["dataset_id"].split("-")) == 3 and tags["git_commit"]
+    assert '"epochs": 3' in tags["params"] and tags["test_accuracy"] == "0.900000"
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_rest_request(model_uris, tracking_uri, tmp_path):
+    import base64
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    mv = mlflow.register_model(model_uris(), "serve-test")
+    mlflow.MlflowClient().set_registered_model_alias("serve-test", "champion", mv.version)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/serve-test@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        img = png_bytes(synthetic_cell(np.random.default_rng(3), True, 70))
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
+            [base64.b64encode(img).decode()], [base64.b64encode(b"junk").decode()]]}}).encode()
+        deadline, reply = time.time() + 120, None
+        while time.time() < deadline and reply is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+                reply = json.loads(urllib.request.urlopen(req, timeout=30).read())
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                time.sleep(1)
+        assert reply is not None, "server did not answer in 120 s"
+        rows = reply["predictions"]
+        assert rows[0]["predicted_label"] in {"Parasitized", "Uninfected"} and rows[0]["error"] is None
+        assert rows[1]["predicted_label"] is None and "image" in rows[1]["error"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

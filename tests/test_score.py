@@ -73,3 +73,40 @@ def test_alias_resolves_to_a_fixed_version_and_missing_alias_is_clear(champion, 
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="score.input"):
         list_inputs(tmp_path / "nowhere")
+
+
+def test_every_kind_of_bad_input_gets_a_row(ray_local, champion, tmp_path):
+    """Zero-byte, not-an-image, truncated, grey-scale, RGBA, a decompression bomb, a missing file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "bad"
+    root.mkdir()
+    good = png_bytes(synthetic_cell(rng, True))
+    (root / "zero.png").write_bytes(b"")
+    (root / "text.png").write_bytes(b"this is not a png")
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    Image.fromarray(synthetic_cell(rng, False)[..., 0]).save(root / "grey.png")
+    Image.fromarray(synthetic_cell(rng, True, 80)).convert("RGBA").save(root / "rgba.png")
+    Image.new("L", (9000, 9000)).save(root / "bomb.png")  # 81 MP > the 50 MP limit
+    listing = tmp_path / "list.csv"
+    pd.DataFrame({"path": [str(p) for p in sorted(root.iterdir())] + [str(root / "gone.png")]}) \
+        .to_csv(listing, index=False)
+    out = score(ScoreConfig(input=str(listing), batch_size=4), champion, tmp_path / "p.parquet")
+    table = pd.read_parquet(out.output).assign(name=lambda t: t["path"].map(lambda p: p.split("/")[-1]))
+    errors = table.set_index("name")["error"]
+    assert len(table) == 7 and out.n_errors == 5
+    assert pd.isna(errors["grey.png"]) and pd.isna(errors["rgba.png"])  # converted to RGB
+    assert "empty" in errors["zero.png"] and "image" in errors["text.png"]
+    assert "truncated" in errors["truncated.png"] and "pixels" in errors["bomb.png"]
+    assert "cannot read" in errors["gone.png"]
+
+
+def test_glob_input_and_cli(ray_local, champion, image_folder, tmp_path, capsys):
+    from pipeline.__main__ import main
+
+    out = tmp_path / "cli.parquet"
+    main(["score", "--model", champion, "--input", str(image_folder / "a" / "cell_*.png"),
+          "--output", str(out), "--tta"])
+    assert "scored 7 / 7 images (0 failed" in capsys.readouterr().out
+    assert len(pd.read_parquet(out)) == 7
