@@ -20,7 +20,7 @@ def demo(args: argparse.Namespace) -> None:
     archive = make_archive(root / "synthetic_cells.zip", n_patients=args.patients,
                            cells_per_patient=args.cells, seed=0, corrupt=1)
     overrides = {
-        "download": {"url": str(archive), "sha256": ""},
+        "download": {"sources": {"malaria": {"url": str(archive), "sha256": ""}}},
         "prepare": {"image_size": args.image_size},
         "train": {"epochs": args.epochs, "lr": 0.003},
         "register": {"model_name": "malaria-demo"},

@@ -57,6 +57,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return _coerce(tp, value, where)
     if origin is tuple:
         return tuple(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where}' must be a mapping, got {value!r}")
+        item = typing.get_args(tp)[1]
+        return {k: _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp):
@@ -84,13 +89,28 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class DownloadConfig:
-    """Where the dataset archive comes from and what it must hash to."""
+class SourceConfig:
+    """Where one dataset's archive comes from and what it must hash to."""
 
-    url: str
-    sha256: str
+    url: str  # https:// (official or mirror), file:// or a local path (a folder is zipped)
+    sha256: str = ""
+    md5: str = ""  # MedMNIST publishes MD5 sums
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """The source of every dataset, keyed by dataset name, and transfer settings."""
+
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
     timeout_s: float = 20.0
     chunk_bytes: int = 1 << 20
+
+    def source(self, dataset: str) -> SourceConfig:
+        """The source of ``dataset``, or a clear error naming the param to set."""
+        if dataset not in self.sources:
+            raise ConfigError(f"no download.sources.{dataset} in params.yaml; add its url "
+                              f"(and sha256 or md5). Known: {sorted(self.sources)}")
+        return self.sources[dataset]
 
 
 @dataclass(frozen=True)
@@ -102,22 +122,33 @@ class PrepareConfig:
     test_ratio: float = 0.15
     seed: int = 42
     max_images: int = 0  # 0 keeps every image; >0 takes a seeded random subset
+    groups_csv: str = ""  # imagefolder: CSV of path,group for grouped splits
+    drop_duplicates: bool = False  # drop identical images that recur in a later split
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Albumentations policy applied to training images (probabilities 0..1)."""
+    """Albumentations policy for training images: a preset, or each family's probability."""
 
+    preset: str = "custom"  # custom (the probabilities below) | none | light | strong
     hflip: float = 0.5
     vflip: float = 0.5
     rotate90: float = 0.5
-    rotate_limit: float = 180.0
     rotate: float = 0.5
+    rotate_limit: float = 180.0
+    affine: float = 0.0  # scale and shift
+    scale_limit: float = 0.1
+    shift_limit: float = 0.0625
+    resized_crop: float = 0.0
+    crop_scale_min: float = 0.8
+    hue_saturation: float = 0.3
     brightness_contrast: float = 0.5
     brightness_limit: float = 0.15
     contrast_limit: float = 0.15
-    hue_saturation: float = 0.3
+    gamma: float = 0.0
     gauss_noise: float = 0.0
+    blur: float = 0.0
+    stain: float = 0.0  # H&E / Giemsa-style stain variation (Albumentations HEStain)
 
 
 @dataclass(frozen=True)
@@ -195,7 +226,7 @@ class Params:
     """Every section of ``params.yaml``."""
 
     dataset: str = "malaria"
-    download: DownloadConfig = field(default_factory=lambda: DownloadConfig("", ""))
+    download: DownloadConfig = field(default_factory=DownloadConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -36,18 +36,48 @@ def folder_label(path: str) -> str:
     return parts[-2]
 
 
+def file_stem(path: str) -> str:
+    """Group of an image with no patient information: the image itself."""
+    return PurePosixPath(path).stem
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    """How one dataset's archive maps to labelled, grouped images."""
+    """How one dataset's archive maps to labelled, grouped images.
+
+    ``kind`` is ``"archive"`` (a zip of ``<class>/<image>`` files, split here by
+    group) or ``"npz"`` (MedMNIST arrays with their official split kept as is).
+    """
 
     name: str
-    label_of: Callable[[str], str]
-    group_of: Callable[[str], str]
+    kind: str = "archive"
+    label_of: Callable[[str], str] = folder_label
+    group_of: Callable[[str], str] = file_stem
     positive_class: str | None = None
+    class_names: tuple[str, ...] = ()  # npz: label index -> name
+    licence: str = ""
 
+
+_MEDMNIST_CLASSES = {
+    "bloodmnist": ("basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte",
+                   "monocyte", "neutrophil", "platelet"),
+    "pathmnist": ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
+                  "normal colon mucosa", "cancer-associated stroma",
+                  "colorectal adenocarcinoma epithelium"),
+    "dermamnist": ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+                   "benign keratosis-like lesions", "dermatofibroma", "melanoma",
+                   "melanocytic nevi", "vascular lesions"),
+}
+_MEDMNIST_LICENCE = {"bloodmnist": "CC BY 4.0", "pathmnist": "CC BY 4.0",
+                     "dermamnist": "CC BY-NC 4.0 (non-commercial use only)"}
 
 DATASETS: dict[str, DatasetSpec] = {
-    "malaria": DatasetSpec("malaria", folder_label, malaria_patient_id, "Parasitized"),
+    "malaria": DatasetSpec("malaria", "archive", folder_label, malaria_patient_id, "Parasitized",
+                           licence="public domain (U.S. National Library of Medicine)"),
+    "imagefolder": DatasetSpec("imagefolder", "archive", folder_label, file_stem),
+    **{f"{name}{suffix}": DatasetSpec(f"{name}{suffix}", "npz", class_names=classes,
+                                      licence=_MEDMNIST_LICENCE[name])
+       for name, classes in _MEDMNIST_CLASSES.items() for suffix in ("", "_64", "_128", "_224")},
 }
 
 

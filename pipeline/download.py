@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-
 import socket
 import urllib.error
 import urllib.parse
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pipeline.config import DownloadConfig
+from pipeline.config import SourceConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +34,9 @@ class DownloadResult:
     source: str
 
 
-def download(cfg: DownloadConfig, output: str | Path) -> DownloadResult:
-    """Fetch ``cfg.url`` to ``output`` and verify its SHA-256.
+def download(source: SourceConfig, output: str | Path, timeout_s: float = 20.0,
+             chunk_bytes: int = 1 << 20) -> DownloadResult:
+    """Fetch ``source.url`` to ``output`` and verify its SHA-256 (or MD5).
 
     Raises:
         DownloadError: when the source is unreachable or the checksum differs;
@@ -45,24 +45,28 @@ def download(cfg: DownloadConfig, output: str | Path) -> DownloadResult:
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(out.name + ".part")
-    scheme = urllib.parse.urlparse(cfg.url).scheme
+    scheme = urllib.parse.urlparse(source.url).scheme
     if scheme in ("http", "https"):
-        _fetch_http(cfg.url, part, cfg.timeout_s, cfg.chunk_bytes)
+        _fetch_http(source.url, part, timeout_s, chunk_bytes)
     else:
-        _copy_local(_local_path(cfg.url), part, cfg.chunk_bytes)
-    digest = _sha256(part, cfg.chunk_bytes)
-    if cfg.sha256 and digest != cfg.sha256.lower():
+        src = _local_path(source.url)
+        (_zip_folder if src.is_dir() else _copy_local)(src, part, chunk_bytes)
+    algo, expected = ("sha256", source.sha256) if source.sha256 or not source.md5 else ("md5", source.md5)
+    digest = _digest(part, algo, chunk_bytes)
+    if expected and digest != expected.lower():
         bad = out.with_name(out.name + ".rejected")
         part.replace(bad)
         raise DownloadError(
-            f"checksum mismatch for {cfg.url}: expected sha256 {cfg.sha256}, got "
-            f"{digest}. The file was moved to {bad} and not used. Check the URL, or "
-            f"set download.sha256 if you deliberately use another archive."
+            f"checksum mismatch for {source.url}: expected {algo} {expected}, got "
+            f"{digest}. The file was moved to {bad} and not used. Check the URL, or set "
+            f"download.sources.<dataset>.{algo} if you deliberately use another archive."
         )
+    if not expected:
+        log.warning("no checksum set for %s: the archive is used unverified", source.url)
     part.replace(out)
     size = out.stat().st_size
-    log.info("downloaded %s (%d bytes, sha256 %s)", out, size, digest)
-    return DownloadResult(out, digest, size, cfg.url)
+    log.info("downloaded %s (%d bytes, %s %s)", out, size, algo, digest)
+    return DownloadResult(out, digest, size, source.url)
 
 
 def _local_path(url: str) -> Path:
@@ -70,10 +74,11 @@ def _local_path(url: str) -> Path:
     path = Path(urllib.parse.unquote(parsed.path)) if parsed.scheme == "file" else Path(url)
     if parsed.scheme not in ("", "file"):
         raise DownloadError(f"unsupported URL scheme '{parsed.scheme}' in {url}")
-    if not path.is_file():
+    if not path.exists():
         raise DownloadError(
-            f"local archive {path} does not exist. Set download.url to the path of "
-            f"the archive (e.g. dvc exp run -S download.url=/data/cell_images.zip)."
+            f"local archive {path} does not exist. Set download.sources.<dataset>.url to "
+            f"the path of the archive (e.g. dvc exp run -S "
+            f"download.sources.malaria.url=/data/cell_images.zip)."
         )
     return path
 
@@ -99,10 +104,10 @@ def _fetch_http(url: str, part: Path, timeout: float, chunk: int) -> None:
     except (urllib.error.URLError, socket.timeout, OSError) as exc:
         raise DownloadError(
             f"cannot reach {url} ({getattr(exc, 'reason', exc)}). If this machine is "
-            f"offline, point the stage at a local copy or mirror: set download.url in "
+            f"offline, point the stage at a local copy or mirror: set download.sources.<dataset>.url in "
             f"params.yaml to a path or file:// URL, e.g. "
-            f"dvc exp run -S download.url=../shared/data/cell_images_sample.zip "
-            f"-S download.sha256=<its sha256>."
+            f"dvc exp run -S download.sources.malaria.url=../shared/data/cell_images_sample.zip "
+            f"-S download.sources.malaria.sha256=<its sha256>."
         ) from None
     with resp:
         resuming = have and resp.status == 206
@@ -124,9 +129,20 @@ def _fetch_http(url: str, part: Path, timeout: float, chunk: int) -> None:
                 ) from None
 
 
-def _sha256(path: Path, chunk: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f, _bar(path.stat().st_size, "sha256") as bar:
+def _zip_folder(src: Path, dst: Path, chunk: int) -> None:
+    """Pack a local ``<class>/<image>`` folder into one zip (sorted, so reproducible)."""
+    import zipfile
+
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zf:
+        for p in tqdm(files, desc=f"zip {src.name}", unit="file"):
+            info = zipfile.ZipInfo(p.relative_to(src).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+            zf.writestr(info, p.read_bytes())
+
+
+def _digest(path: Path, algo: str, chunk: int) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f, _bar(path.stat().st_size, algo) as bar:
         while block := f.read(chunk):
             h.update(block)
             bar.update(len(block))

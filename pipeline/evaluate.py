@@ -121,7 +121,8 @@ def _gradcam(cfg: EvaluateConfig, predictor: Predictor, test: SplitPredictions, 
     from pipeline.plots import gradcam_grid
 
     idx = worst_errors(test.labels, test.probs, cfg.gradcam_images)
-    if not len(idx):
+    if not len(idx):  # no errors: drop a grid left by an earlier run
+        (out / "gradcam_worst_errors.png").unlink(missing_ok=True)
         return {}
     images = np.asarray(test.images[idx])
     pred = test.probs[idx].argmax(1)

@@ -68,28 +68,93 @@ def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig, datase
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
-    records, pixels, skipped, bad = _extract(Path(archive), tmp, spec, cfg.image_size)
+    extract = _extract_npz if spec.kind == "npz" else _extract
+    records, pixels, skipped, bad = extract(Path(archive), tmp, spec, cfg.image_size)
     if not records:
         raise ValueError(f"no readable images found in {archive}")
     manifest = pd.DataFrame(records)
+    if cfg.groups_csv:
+        manifest["patient_id"] = _groups_from_csv(manifest["path"], Path(cfg.groups_csv))
     if cfg.max_images and len(manifest) > cfg.max_images:
         manifest = manifest.sample(n=cfg.max_images, random_state=cfg.seed)
     manifest = manifest.sort_values("path").reset_index(drop=True)
-    manifest["split"] = group_split(
-        manifest["label"].to_numpy(), manifest["patient_id"].to_numpy(),
-        cfg.val_ratio, cfg.test_ratio, cfg.seed,
-    )
+    if "split" not in manifest:  # official splits (MedMNIST) are kept as they are
+        manifest["split"] = group_split(
+            manifest["label"].to_numpy(), manifest["patient_id"].to_numpy(),
+            cfg.val_ratio, cfg.test_ratio, cfg.seed,
+        )
+    manifest, duplicates = _cross_split_duplicates(manifest, cfg.drop_duplicates)
     manifest = _write_arrays(manifest, pixels, tmp)
     class_names = sorted(manifest["label"].unique())
     quarantined = pd.DataFrame(bad, columns=["path", "reason"])
     quarantined.to_csv(tmp / "quarantine" / "quarantine.csv", index=False) if bad else None
     manifest.to_parquet(tmp / "manifest.parquet", index=False)
-    write_json(tmp / "report.json", _report(manifest, class_names, skipped, quarantined, cfg))
+    report = _report(manifest, class_names, skipped, quarantined, duplicates, cfg)
+    write_json(tmp / "report.json", report)
+    (tmp / "data_card.md").write_text(data_card(spec, manifest, report, duplicates))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     log.info("prepared %d images (%d skipped, %d quarantined) in %s",
              len(manifest), len(skipped), len(quarantined), out_dir)
     return PrepareResult(out_dir, manifest, class_names, skipped, quarantined)
+
+
+def _groups_from_csv(paths: pd.Series, csv: Path) -> pd.Series:
+    """Group ids from a CSV of ``path,group`` (full archive path or file name)."""
+    table = pd.read_csv(csv)
+    if not {"path", "group"} <= set(table.columns):
+        raise ValueError(f"{csv} needs the columns 'path' and 'group'")
+    by_path = dict(zip(table["path"].astype(str), table["group"].astype(str)))
+    by_name = {PurePosixPath(k).name: v for k, v in by_path.items()}
+    groups = [by_path.get(p, by_name.get(PurePosixPath(p).name)) for p in paths]
+    missing = [p for p, g in zip(paths, groups) if g is None]
+    if missing:
+        raise ValueError(f"{len(missing)} images have no group in {csv}, e.g. {missing[:3]}")
+    return pd.Series(groups, index=paths.index)
+
+
+def _cross_split_duplicates(manifest: pd.DataFrame, drop: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Images whose exact bytes occur in more than one split; dropped from the later split if asked."""
+    order = {s: i for i, s in enumerate(SPLITS)}
+    spread = manifest.groupby("sha256")["split"].nunique()
+    dup = manifest[manifest["sha256"].isin(spread[spread > 1].index)].copy()
+    dup = dup.sort_values(["sha256", "split"], key=lambda c: c.map(order) if c.name == "split" else c)
+    if drop and len(dup):
+        later = dup[dup.duplicated("sha256", keep="first")]
+        manifest = manifest.drop(index=later.index)
+        log.warning("dropped %d images that duplicate an image of an earlier split", len(later))
+    elif len(dup):
+        log.warning("%d images occur in more than one split (prepare.drop_duplicates keeps them)", len(dup))
+    return manifest.reset_index(drop=True), dup[["path", "split", "sha256"]]
+
+
+def _extract_npz(archive: Path, root: Path, spec: DatasetSpec, size: int):
+    """MedMNIST ``.npz``: official split, class names from the registry, PNG copies of the images."""
+    from PIL import Image
+
+    records: list[dict] = []
+    pixels: list[np.ndarray] = []
+    try:
+        data = np.load(archive)
+        arrays = {s: (data[f"{s}_images"], data[f"{s}_labels"].reshape(-1)) for s in SPLITS}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{archive} is not a MedMNIST .npz with train/val/test_images and "
+                         f"_labels arrays ({exc})") from None
+    for split, (images, labels) in arrays.items():
+        for i, (img, label) in enumerate(tqdm(list(zip(images, labels)), desc=f"prepare {split}",
+                                              unit="img")):
+            rgb = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+            name = spec.class_names[int(label)]
+            path = f"{split}/{name.replace('/', '_')}/{spec.name}_{split}_{i:06d}.png"
+            dest = root / "images" / path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgb).save(dest, format="PNG")
+            pixels.append(resize(rgb, size))
+            records.append({"row": len(records), "path": path, "label": name,
+                            "patient_id": f"{split}-{i}", "split": split,
+                            "width": rgb.shape[1], "height": rgb.shape[0],
+                            "sha256": hashlib.sha256(np.ascontiguousarray(rgb).tobytes()).hexdigest()})
+    return records, pixels, [], []
 
 
 def _extract(
@@ -149,7 +214,7 @@ def _write_arrays(manifest: pd.DataFrame, pixels: list[np.ndarray], root: Path) 
 
 
 def _report(manifest: pd.DataFrame, class_names: list[str], skipped: list[str],
-            quarantined: pd.DataFrame, cfg: PrepareConfig) -> dict:
+            quarantined: pd.DataFrame, duplicates: pd.DataFrame, cfg: PrepareConfig) -> dict:
     counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
     return {
         "class_names": class_names,
@@ -162,7 +227,34 @@ def _report(manifest: pd.DataFrame, class_names: list[str], skipped: list[str],
         "per_split": {s: {c: int(counts.at[s, c]) if s in counts.index and c in counts.columns else 0
                           for c in class_names} for s in SPLITS},
         "patients_per_split": manifest.groupby("split")["patient_id"].nunique().to_dict(),
+        "n_cross_split_duplicates": int(duplicates["sha256"].nunique()),
+        "duplicates_dropped": cfg.drop_duplicates,
+        "size_quantiles": manifest[["width", "height"]].quantile([0, 0.25, 0.5, 0.75, 1]).to_dict(),
     }
+
+
+def data_card(spec: DatasetSpec, manifest: pd.DataFrame, report: dict, duplicates: pd.DataFrame) -> str:
+    """A human-readable card of the prepared dataset (markdown)."""
+    counts = manifest.groupby(["label", "split"]).size().unstack(fill_value=0).reindex(columns=list(SPLITS), fill_value=0)
+    groups = manifest.groupby("split")["patient_id"].nunique().reindex(list(SPLITS), fill_value=0)
+    sizes = manifest[["width", "height"]].describe(percentiles=[0.05, 0.5, 0.95]).T.round(1)
+    lines = [f"# Data card: {spec.name}", "",
+             f"Licence: {spec.licence or 'see the source'}. Images: {len(manifest)}; "
+             f"resized to {report['image_size']} px for training.", "",
+             "## Images per class and split", "", counts.to_markdown(), "",
+             "## Patients / groups per split", "", groups.to_frame("groups").to_markdown(), "",
+             "Groups never cross splits." if spec.kind == "archive" else
+             "The dataset's official split is kept as it is.", "",
+             "## Original image size (pixels)", "", sizes.to_markdown(), "",
+             f"## Skipped non-image files ({report['n_skipped_non_images']})", ""]
+    lines += [f"- `{s}`" for s in report["skipped"][:50]] + [""]
+    lines += [f"## Quarantined unreadable images ({report['n_quarantined']})", ""]
+    lines += [f"- `{q['path']}`: {q['reason']}" for q in report["quarantined"][:50]] + [""]
+    lines += [f"## Identical images in more than one split ({report['n_cross_split_duplicates']})", "",
+              "Dropped from the later split." if report["duplicates_dropped"] else
+              "Kept (set `prepare.drop_duplicates: true` to drop them from the later split).", ""]
+    lines += [f"- `{r.path}` ({r.split})" for r in duplicates.head(50).itertuples()] + [""]
+    return "\n".join(lines)
 
 
 def load_split(prepared: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

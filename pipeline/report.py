@@ -31,7 +31,7 @@ REGIME_RUNS = (
 )
 
 
-def regime_table(prepared: str | Path, base: TrainConfig, augment: AugmentConfig, work_dir: str | Path,
+def regime_table(prepared: str | Path, base: TrainConfig, augment: dict, work_dir: str | Path,
                  positive_class: str = "Parasitized", experiment: str = "regimes") -> pd.DataFrame:
     """Train and score each (model, regime) of :data:`REGIME_RUNS`; one row each."""
     from pipeline.train import train
@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work-dir", default="data/regimes")
     args = parser.parse_args(argv)
     base = dataclasses.replace(TrainConfig(), epochs=args.epochs)
-    table = regime_table(args.prepared, base, AugmentConfig(), args.work_dir)
+    from pipeline.augment import policy
+    from pipeline.prepare import load_split
+
+    size = load_split(args.prepared, "train")[0].shape[1]
+    table = regime_table(args.prepared, base, policy(AugmentConfig(), size), args.work_dir)
     import json
 
     report = json.loads((Path(args.prepared) / "report.json").read_text())

@@ -77,3 +77,50 @@ def make_archive(path: str | Path, n_patients: int = 12, cells_per_patient: int 
             for folder in CLASSES:
                 zf.writestr(f"cell_images/{folder}/Thumbs.db", b"\xd0\xcf\x11\xe0not an image")
     return path
+
+
+def synthetic_class_image(rng: np.random.Generator, label: int, n_classes: int, size: int) -> np.ndarray:
+    """A cell-like image whose class shows as its tint and number of spots (learnable)."""
+    img = synthetic_cell(rng, infected=False, size=size).astype(np.int16)
+    hue = np.array([np.cos(2 * np.pi * label / n_classes), np.sin(2 * np.pi * label / n_classes), 0.0])
+    img = np.where(img.sum(-1, keepdims=True) > 0, img + (hue * 40).astype(np.int16), img)
+    for _ in range(label % 4):
+        y, x = rng.integers(size // 4, 3 * size // 4, 2)
+        img[max(0, y - 1):y + 2, max(0, x - 1):x + 2] = (60, 30, 90)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_medmnist_npz(path: str | Path, n_classes: int = 8, size: int = 28,
+                      counts: tuple[int, int, int] = (240, 40, 80), seed: int = 0,
+                      grey: bool = False) -> Path:
+    """Write an ``.npz`` in MedMNIST's exact layout: ``{train,val,test}_{images,labels}``.
+
+    Images are ``uint8 (N, size, size, 3)`` (``(N, size, size)`` if ``grey``), labels
+    ``uint8 (N, 1)``, as in the official files.
+    """
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), counts):
+        labels = rng.integers(0, n_classes, n)
+        images = np.stack([synthetic_class_image(rng, int(k), n_classes, size) for k in labels])
+        arrays[f"{split}_images"] = images.mean(-1).astype(np.uint8) if grey else images
+        arrays[f"{split}_labels"] = labels.astype(np.uint8).reshape(-1, 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:  # np.savez would append .npz to a name without it
+        np.savez_compressed(f, **arrays)
+    return path
+
+
+def make_imagefolder_zip(path: str | Path, n_classes: int = 3, per_class: int = 30, size: int = 40,
+                         seed: int = 0) -> Path:
+    """A zip of ``<class>/<image>.png`` folders, the generic ``imagefolder`` layout."""
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for k in range(n_classes):
+            for i in range(per_class):
+                zf.writestr(f"class_{k}/img_{i:04d}.png",
+                            png_bytes(synthetic_class_image(rng, k, n_classes, size)))
+    return path

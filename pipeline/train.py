@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.augment import build_train_transform
-from pipeline.config import AugmentConfig, TrainConfig, flatten
+from pipeline.augment import load_policy
+from pipeline.config import TrainConfig, flatten
 from pipeline.inference import ModelMeta, save_checkpoint, to_tensor
 from pipeline.models import create_model, model_info
 from pipeline.optim import EarlyStopping, build_loss, build_optimizer, build_scheduler
@@ -79,14 +79,18 @@ def collate(batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Te
 
 def train(
     cfg: TrainConfig,
-    augment: AugmentConfig,
+    policy: dict[str, Any],
     prepared: str | Path,
     out_dir: str | Path,
     experiment: str,
     positive_class: str | None = None,
     extra_params: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train ``cfg.model`` on ``prepared`` with Ray Train; best checkpoint → ``out_dir``."""
+    """Train ``cfg.model`` on ``prepared`` with Ray Train; best checkpoint → ``out_dir``.
+
+    ``policy`` is the Albumentations policy in its serialised form
+    (:func:`pipeline.augment.policy`, or the file the ``augment`` stage wrote).
+    """
     import mlflow
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -100,14 +104,16 @@ def train(
                      positive_class)
     uri = setup_mlflow(experiment)
     init_ray()
-    params = flatten({"train": asdict(cfg), "augment": asdict(augment), **(extra_params or {})})
+    params = flatten({"train": asdict(cfg), **(extra_params or {})})
+    params["augment.policy"] = ",".join(t["__class_fullname__"] for t in policy["transform"]["transforms"])
     run_dir = _run_dir(cfg, params, prepared)
     with mlflow.start_run(run_id=_previous_run_id(run_dir), run_name="train") as run:
         (run_dir / RUN_ID_FILE).write_text(run.info.run_id)
         mlflow.log_params({**params, "n_train": len(train_y), "n_val": len(val_y),
                            "class_names": ",".join(class_names), "image_size": meta.image_size})
+        mlflow.log_dict(policy, "augment_policy.yaml")
         loop_config = {
-            "cfg": cfg, "augment": augment, "meta": meta, "tracking_uri": uri,
+            "cfg": cfg, "policy": policy, "meta": meta, "tracking_uri": uri,
             "run_id": run.info.run_id,
             "train": ray.put((np.asarray(train_x), train_y)),
             "val": ray.put((np.asarray(val_x), val_y)),
@@ -220,7 +226,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_x, val_y = _get(config["val"])
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = prepare_data_loader(DataLoader(
-        ArrayDataset(train_x, train_y, build_train_transform(config["augment"], cfg.seed + rank)),
+        ArrayDataset(train_x, train_y, load_policy(config["policy"], cfg.seed + rank)),
         batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=g,
         drop_last=len(train_y) > cfg.batch_size * world))
     val_loader = prepare_data_loader(DataLoader(

@@ -10,7 +10,8 @@ from pipeline.download import DownloadError, download
 def main(output: str) -> None:
     params = load_params()
     try:
-        result = download(params.download, output)
+        result = download(params.download.source(params.dataset), output,
+                          params.download.timeout_s, params.download.chunk_bytes)
     except DownloadError as exc:
         raise SystemExit(f"download failed: {exc}") from None
     print(f"{result.path}: {result.size:,} bytes, sha256 {result.sha256}")

@@ -1,19 +1,24 @@
-"""DVC stage `prepare`: extract, validate, split and resize the archive."""
+"""DVC stage `prepare`: extract, validate, split and resize the archive; write the data card."""
 
+import shutil
 import sys
+from pathlib import Path
 
 from common import load_params
 
 from pipeline.prepare import prepare
 
 
-def main(archive: str, out_dir: str) -> None:
+def main(archive: str, out_dir: str, card: str) -> None:
     params = load_params()
     result = prepare(archive, out_dir, params.prepare, params.dataset)
+    Path(card).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(out_dir) / "data_card.md", card)
     counts = result.manifest.groupby("split").agg(images=("path", "size"),
                                                   patients=("patient_id", "nunique"))
     print(counts.to_string())
-    print(f"skipped {len(result.skipped)} non-image files, quarantined {len(result.quarantined)}")
+    print(f"skipped {len(result.skipped)} non-image files, quarantined {len(result.quarantined)}; "
+          f"data card: {card}")
 
 
 if __name__ == "__main__":

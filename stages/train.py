@@ -3,17 +3,20 @@
 import sys
 from pathlib import Path
 
+import yaml
+
 from common import load_params
 
 from pipeline.train import train
 from pipeline.utils import atomic_path, write_json
 
 
-def main(prepared: str, model_dir: str, metrics: str, history: str) -> None:
+def main(prepared: str, policy: str, model_dir: str, metrics: str, history: str) -> None:
     params = load_params()
-    result = train(params.train, params.augment, prepared, model_dir, experiment=params.dataset,
-                   positive_class=params.evaluate.positive_class,
-                   extra_params={"dataset": params.dataset, "prepare": vars(params.prepare)})
+    result = train(params.train, yaml.safe_load(Path(policy).read_text()), prepared, model_dir,
+                   experiment=params.dataset, positive_class=params.evaluate.positive_class,
+                   extra_params={"dataset": params.dataset, "prepare": vars(params.prepare),
+                                 "augment": vars(params.augment)})
     write_json(Path(model_dir) / "train.json", {"run_id": result.run_id, "model_uri": result.model_uri})
     last = result.history.iloc[-1]
     write_json(metrics, {"best_epoch": result.best_epoch, "train_loss": last["train_loss"],

@@ -1,5 +1,5 @@
-"""augment: each configured transform really changes the image (old arg names are ignored
-silently by Albumentations 2, so this catches a transform that does nothing)."""
+"""augment: every transform of the strong preset really changes the image (Albumentations 2
+ignores old argument names silently), presets, the saved policy round trip, preview, TTA."""
 
 from __future__ import annotations
 
@@ -8,30 +8,67 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline.augment import apply, build_train_transform, tta_views
+from pipeline.augment import (PRESETS, apply, build_train_transform, load_policy, policy, preview,
+                              resolve_preset, save_policy, tta_views)
 from pipeline.config import AugmentConfig
 from pipeline.synthetic import synthetic_cell
+from pipeline.train import ArrayDataset
 
-OFF = {f.name: 0.0 for f in dataclasses.fields(AugmentConfig) if f.name in
-       ("hflip", "vflip", "rotate90", "rotate", "brightness_contrast", "hue_saturation", "gauss_noise")}
+FAMILIES = sorted(PRESETS["strong"])
 
 
-@pytest.mark.parametrize("knob", sorted(OFF))
-def test_each_transform_changes_the_image(knob):
+def _image() -> np.ndarray:
     img = synthetic_cell(np.random.default_rng(0), True, 64)
     img[:8, :8] = 255  # break the symmetry so flips are visible
-    cfg = AugmentConfig(**{**OFF, knob: 1.0})
-    transform = build_train_transform(cfg)
+    return img
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_strong_transform_changes_the_image_and_not_the_label(family):
+    cfg = AugmentConfig(preset="custom", **{**PRESETS["none"], family: 1.0})
+    transform = build_train_transform(cfg, image_size=64, seed=0)
     assert len(transform.transforms) == 1
-    changed = [not np.array_equal(transform(image=img)["image"], img) for _ in range(5)]
-    assert any(changed)
+    img = _image()
+    outs = [transform(image=img)["image"] for _ in range(5)]
+    assert any(not np.array_equal(o, img) for o in outs), family
+    assert all(o.shape == img.shape and o.dtype == np.uint8 for o in outs)
+    data = ArrayDataset(np.stack([img] * 3), np.array([2, 0, 1]), transform)
+    assert [data[i][1] for i in range(3)] == [2, 0, 1]
 
 
-def test_all_off_is_identity_and_shapes_kept():
-    img = synthetic_cell(np.random.default_rng(1), False, 48)
-    assert np.array_equal(build_train_transform(AugmentConfig(**OFF))(image=img)["image"], img)
+def test_presets():
+    assert build_train_transform(AugmentConfig(preset="none")).transforms == []
+    assert len(build_train_transform(AugmentConfig(preset="strong")).transforms) == len(FAMILIES)
+    assert resolve_preset(AugmentConfig(preset="light")).stain == 0.0
+    with pytest.raises(ValueError, match="augment.preset"):
+        resolve_preset(AugmentConfig(preset="medium"))
+
+
+def test_none_is_identity_and_batches_keep_shape():
+    img = _image()
+    assert np.array_equal(build_train_transform(AugmentConfig(preset="none"))(image=img)["image"], img)
     out = apply(build_train_transform(AugmentConfig()), np.stack([img, img]))
-    assert out.shape == (2, 48, 48, 3) and out.dtype == np.uint8
+    assert out.shape == (2, 64, 64, 3) and out.dtype == np.uint8
+
+
+def test_saved_policy_loads_back_identically_and_seeded(tmp_path):
+    import yaml
+
+    cfg = AugmentConfig(preset="strong")
+    path = save_policy(cfg, 64, tmp_path / "augment.yaml")
+    saved = yaml.safe_load(path.read_text())
+    def summary(d):
+        return [(t["__class_fullname__"], t["p"]) for t in d["transform"]["transforms"]]
+
+    assert summary(saved) == summary(policy(cfg, 64)) and len(summary(saved)) == len(FAMILIES)
+    a, b = load_policy(saved, seed=7), load_policy(saved, seed=7)
+    img = _image()
+    assert np.array_equal(a(image=img)["image"], b(image=img)["image"])
+
+
+def test_preview_grid(tmp_path):
+    out = preview(build_train_transform(AugmentConfig()), np.stack([_image()] * 2), tmp_path / "p.png")
+    assert out.stat().st_size > 1000
 
 
 def test_tta_views_are_the_eight_dihedral_images():
@@ -39,3 +76,8 @@ def test_tta_views_are_the_eight_dihedral_images():
     views = tta_views(batch)
     assert len(views) == 8 and np.array_equal(views[0], batch)
     assert len({v.tobytes() for v in views}) == 8
+
+
+def test_params_presets_cover_every_family():
+    fields = {f.name for f in dataclasses.fields(AugmentConfig)}
+    assert set(FAMILIES) <= fields

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import DownloadConfig
+from pipeline.config import SourceConfig
 from pipeline.download import DownloadError, download
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
@@ -52,7 +52,7 @@ def server():
 
 def test_http_download_verifies_checksum(server, tmp_path):
     out = tmp_path / "raw" / "malaria.zip"
-    result = download(DownloadConfig(f"{server}/archive.zip", SHA), out)
+    result = download(SourceConfig(f"{server}/archive.zip", SHA), out)
     assert out.read_bytes() == PAYLOAD and result.sha256 == SHA
     assert not out.with_name("malaria.zip.part").exists()
 
@@ -60,7 +60,7 @@ def test_http_download_verifies_checksum(server, tmp_path):
 def test_checksum_mismatch_is_refused_and_not_left_in_place(server, tmp_path):
     out = tmp_path / "malaria.zip"
     with pytest.raises(DownloadError, match="checksum mismatch"):
-        download(DownloadConfig(f"{server}/archive.zip", "0" * 64), out)
+        download(SourceConfig(f"{server}/archive.zip", "0" * 64), out)
     assert not out.exists()
     assert (tmp_path / "malaria.zip.rejected").read_bytes() == PAYLOAD
 
@@ -69,7 +69,7 @@ def test_partial_download_resumes_with_range(server, tmp_path):
     out = tmp_path / "malaria.zip"
     half = len(PAYLOAD) // 2
     out.with_name("malaria.zip.part").write_bytes(PAYLOAD[:half])
-    download(DownloadConfig(f"{server}/archive.zip", SHA), out)
+    download(SourceConfig(f"{server}/archive.zip", SHA), out)
     assert RangeHandler.requests == [f"bytes={half}-"]
     assert out.read_bytes() == PAYLOAD
 
@@ -79,16 +79,16 @@ def test_unreachable_source_fails_fast_and_says_what_to_do(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.perf_counter()
-    with pytest.raises(DownloadError, match="download.url") as err:
-        download(DownloadConfig(f"http://127.0.0.1:{port}/cell_images.zip", SHA, timeout_s=5),
-                 tmp_path / "malaria.zip")
+    with pytest.raises(DownloadError, match="download.sources") as err:
+        download(SourceConfig(f"http://127.0.0.1:{port}/cell_images.zip", SHA),
+                 tmp_path / "malaria.zip", timeout_s=5)
     assert time.perf_counter() - t0 < 30
     assert "local copy" in str(err.value)
 
 
 def test_http_error_is_reported(server, tmp_path):
     with pytest.raises(DownloadError, match="HTTP 404"):
-        download(DownloadConfig(f"{server}/missing.zip", SHA), tmp_path / "malaria.zip")
+        download(SourceConfig(f"{server}/missing.zip", SHA), tmp_path / "malaria.zip")
 
 
 @pytest.mark.parametrize("as_uri", [False, True])
@@ -97,10 +97,30 @@ def test_local_path_and_file_uri(tmp_path, as_uri):
     src.parent.mkdir()
     src.write_bytes(PAYLOAD)
     url = src.as_uri() if as_uri else str(src)
-    download(DownloadConfig(url, SHA), tmp_path / "malaria.zip")
+    download(SourceConfig(url, SHA), tmp_path / "malaria.zip")
     assert (tmp_path / "malaria.zip").read_bytes() == PAYLOAD
 
 
 def test_missing_local_copy_message(tmp_path):
     with pytest.raises(DownloadError, match="does not exist"):
-        download(DownloadConfig(str(tmp_path / "nope.zip"), SHA), tmp_path / "malaria.zip")
+        download(SourceConfig(str(tmp_path / "nope.zip"), SHA), tmp_path / "malaria.zip")
+
+
+def test_md5_is_checked_when_that_is_what_the_source_publishes(server, tmp_path):
+    md5 = hashlib.md5(PAYLOAD).hexdigest()
+    download(SourceConfig(f"{server}/archive.zip", md5=md5), tmp_path / "bloodmnist.zip")
+    with pytest.raises(DownloadError, match="expected md5"):
+        download(SourceConfig(f"{server}/archive.zip", md5="0" * 32), tmp_path / "other.zip")
+
+
+def test_a_local_folder_is_zipped_reproducibly(tmp_path):
+    import zipfile
+
+    root = tmp_path / "cells"
+    for name in ("a/1.png", "b/2.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(name.encode())
+    first = download(SourceConfig(str(root)), tmp_path / "x.zip")
+    second = download(SourceConfig(str(root)), tmp_path / "y.zip")
+    assert first.sha256 == second.sha256
+    assert zipfile.ZipFile(tmp_path / "x.zip").namelist() == ["a/1.png", "b/2.png"]

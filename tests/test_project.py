@@ -22,9 +22,10 @@ def test_deep_update_merges_sections():
 @pytest.mark.slow
 def test_dvc_repro_runs_every_stage_on_the_real_sample(sample_zip, tmp_path):
     project = scaffold(tmp_path / "project", {
-        "download": {"url": str(sample_zip), "sha256": SAMPLE_SHA256},
+        "download": {"sources": {"malaria": {"url": str(sample_zip), "sha256": SAMPLE_SHA256}}},
         "prepare": {"image_size": 32, "max_images": 400},
         "train": {"epochs": 1, "batch_size": 32},
+        "evaluate": {"bootstrap": 200, "gradcam_images": 8},
         "score": {"batch_size": 32},
     })
     repro(project)
@@ -39,10 +40,15 @@ def test_dvc_repro_runs_every_stage_on_the_real_sample(sample_zip, tmp_path):
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
     assert {"accuracy", "roc_auc", "sensitivity", "specificity", "f1", "confusion_matrix"} <= set(metrics)
     assert sum(map(sum, metrics["confusion_matrix"])) == (manifest["split"] == "test").sum()
-    for plot in ("roc.csv", "confusion.csv", "roc.png", "confusion_matrix.png"):
+    for plot in ("roc.csv", "pr.csv", "confusion.csv", "reliability.csv", "roc.png",
+                 "confusion_matrix.png", "gradcam_worst_errors.png"):
         assert (project / "plots/evaluate" / plot).stat().st_size > 0
+    report = (project / "reports/evaluate.md").read_text()
+    assert "Patient level" in report and "bootstrap over" in report
     registered = json.loads((project / "models/register.json").read_text())
     assert registered["promoted"] and registered["version"] == "1"
+    tags = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version("malaria", "1").tags
+    assert {"dataset_id", "git_commit", "params", "split_id", "test_roc_auc"} <= set(tags)
     scores = pd.read_parquet(project / "data/scores/predictions.parquet")
     assert len(scores) == metrics["n"] and scores["error"].isna().all()
     assert set(scores["path"]) == set(manifest.loc[manifest["split"] == "test", "path"])

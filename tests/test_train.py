@@ -15,10 +15,12 @@ import mlflow
 import psutil
 import pytest
 
+from pipeline.augment import policy
 from pipeline.config import AugmentConfig, TrainConfig
 from pipeline.train import train
 
 pytestmark = pytest.mark.slow
+POLICY = policy(AugmentConfig(), 40)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_finishes(
 
     killer = threading.Thread(target=kill_one_worker, daemon=True)
     killer.start()
-    result = train(cfg, AugmentConfig(), prepared_medium, tmp_path / "out", "tests-kill")
+    result = train(cfg, POLICY, prepared_medium, tmp_path / "out", "tests-kill")
     killer.join(timeout=5)
     assert killed, "no worker was killed"
     pid, when = killed[0]
@@ -81,13 +83,14 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_finishes(
 
 DRIVER = textwrap.dedent("""
     import sys
-    from pipeline.config import AugmentConfig, TrainConfig
+    from pipeline.augment import policy
+from pipeline.config import AugmentConfig, TrainConfig
     from pipeline.train import train
     from pipeline.utils import setup_logging
     setup_logging()
     cfg = TrainConfig(model="efficientnet_lite0", epochs=4, batch_size=32, num_workers=2,
                       storage_path=sys.argv[2])
-    r = train(cfg, AugmentConfig(), sys.argv[1], sys.argv[3], "tests-resume")
+    r = train(cfg, policy(AugmentConfig(), 40), sys.argv[1], sys.argv[3], "tests-resume")
     print("RUN", r.run_id, r.history["epoch"].tolist())
 """)
 
@@ -122,7 +125,7 @@ def test_interrupted_training_resumes_from_last_checkpoint_with_same_params(
 def test_same_params_and_seed_give_the_same_validation_metrics(prepared_medium, tmp_path,
                                                                tracking_uri, ray_local):
     cfg = _cfg(tmp_path, epochs=1)
-    a = train(cfg, AugmentConfig(), prepared_medium, tmp_path / "a", "tests-repeat")
-    b = train(cfg, AugmentConfig(), prepared_medium, tmp_path / "b", "tests-repeat")
+    a = train(cfg, POLICY, prepared_medium, tmp_path / "a", "tests-repeat")
+    b = train(cfg, POLICY, prepared_medium, tmp_path / "b", "tests-repeat")
     assert a.history["val_loss"].iloc[-1] == pytest.approx(b.history["val_loss"].iloc[-1], abs=1e-4)
     assert a.history["val_acc"].iloc[-1] == pytest.approx(b.history["val_acc"].iloc[-1], abs=1e-3)
