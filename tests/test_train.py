@@ -42,11 +42,13 @@ def _cfg(tmp_path: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def _first_checkpoint(storage: Path, timeout: float = 300) -> None:
+def _first_checkpoint(storage: Path, timeout: float = 300, proc=None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if list(storage.glob("*/checkpoint_*")):
             return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"training process exited early:\n{proc.stdout.read()[-3000:]}")
         time.sleep(0.2)
     raise TimeoutError(f"no checkpoint under {storage}")
 
@@ -84,7 +86,7 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_finishes(
 DRIVER = textwrap.dedent("""
     import sys
     from pipeline.augment import policy
-from pipeline.config import AugmentConfig, TrainConfig
+    from pipeline.config import AugmentConfig, TrainConfig
     from pipeline.train import train
     from pipeline.utils import setup_logging
     setup_logging()
@@ -103,7 +105,7 @@ def test_interrupted_training_resumes_from_last_checkpoint_with_same_params(
     first = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
-        _first_checkpoint(tmp_path / "ray")
+        _first_checkpoint(tmp_path / "ray", proc=first)
     finally:  # like Ctrl-C on `dvc repro`: the driver, its Ray and its workers all go
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
