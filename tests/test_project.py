@@ -67,3 +67,56 @@ def test_dvc_repro_runs_every_stage_on_the_real_sample(sample_zip, tmp_path):
     assert "Running stage" not in out
     shown = dvc(project, "metrics", "show", "--json", capture_output=True, text=True).stdout
     assert "roc_auc" in shown
+
+
+def _relayout_sample(sample_zip, dest, every: int = 15):
+    """A zip of real cells re-laid out as <class>/<file>, plus a path,group CSV of patients."""
+    import zipfile
+
+    from pipeline.datasets import malaria_patient_id
+
+    rows = []
+    with zipfile.ZipFile(sample_zip) as src, zipfile.ZipFile(dest, "w") as out:
+        names = sorted(n for n in src.namelist() if n.endswith(".png"))[::every]
+        for name in names:
+            cls, file = name.split("/")[-2:]
+            out.writestr(f"{cls}/{file}", src.read(name))
+            rows.append({"path": f"{cls}/{file}", "group": malaria_patient_id(file)})
+    groups = dest.with_suffix(".csv")
+    pd.DataFrame(rows).to_csv(groups, index=False)
+    return dest, groups
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["bloodmnist", "imagefolder"])
+def test_switching_dataset_is_one_param(dataset, sample_zip, tmp_path):
+    from pipeline.synthetic import make_medmnist_npz
+
+    if dataset == "bloodmnist":
+        source = make_medmnist_npz(tmp_path / "bloodmnist.npz", n_classes=8, counts=(320, 64, 96))
+        prepare = {"image_size": 32}
+        n_classes = 8
+    else:
+        source, groups = _relayout_sample(sample_zip, tmp_path / "cells_by_class.zip")
+        prepare = {"image_size": 32, "groups_csv": str(groups)}
+        n_classes = 2
+    project = scaffold(tmp_path / "project", {
+        "dataset": dataset,
+        "download": {"sources": {dataset: {"url": str(source), "sha256": "", "md5": ""}}},
+        "prepare": prepare, "augment": {"preset": "strong"},
+        "train": {"epochs": 1, "batch_size": 32},
+        "evaluate": {"bootstrap": 100, "gradcam_images": 4},
+    })
+    repro(project)
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    assert len(metrics["confusion_matrix"]) == n_classes and len(metrics["per_class"]) == n_classes
+    assert 0 <= metrics["roc_auc"] <= 1
+    registered = json.loads((project / "models/register.json").read_text())
+    assert registered["name"] == dataset and registered["promoted"]
+    assert "HEStain" in (project / "models/augment.yaml").read_text()
+    assert (project / "plots/augment/preview.png").stat().st_size > 0
+    card = (project / "reports/data_card.md").read_text()
+    assert f"Data card: {dataset}" in card
+    if dataset == "imagefolder":
+        manifest = pd.read_parquet(project / "data/prepared/manifest.parquet")
+        assert (manifest.groupby("patient_id")["split"].nunique() == 1).all()
