@@ -174,6 +174,7 @@ class TrainConfig:
     class_weights: bool = False  # balanced class weights in the loss
     early_stopping_patience: int = 0  # epochs without val_loss improvement; 0 = off
     amp: bool = True  # mixed precision, on CUDA only
+    system_metrics: bool = True  # MLflow CPU/memory/GPU metrics of the driver node
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0

@@ -14,6 +14,7 @@ import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -118,8 +119,36 @@ def read_bytes(container: str, path: str, zf: zipfile.ZipFile | None = None) -> 
     return (Path(container) / path if container else Path(path)).read_bytes()
 
 
+def decode_batch(batch: pd.DataFrame, size: int) -> dict[str, np.ndarray]:
+    """Ray Data task: read, decode and resize a batch of paths; errors become strings."""
+    from pipeline.images import ImageDecodeError, load_rgb, resize
+
+    pixels = np.zeros((len(batch), size, size, 3), np.uint8)
+    errors: list[str | None] = []
+    container = batch["container"].iloc[0]
+    zf = zipfile.ZipFile(container) if container and zipfile.is_zipfile(container) else None
+    try:
+        for i, path in enumerate(batch["path"]):
+            try:
+                pixels[i] = resize(load_rgb(read_bytes(container, path, zf)), size)
+                errors.append(None)
+            except (OSError, KeyError, zipfile.BadZipFile) as exc:
+                errors.append(f"cannot read file: {exc}")
+            except ImageDecodeError as exc:
+                errors.append(str(exc))
+    finally:
+        if zf is not None:
+            zf.close()
+    return {"path": batch["path"].to_numpy(dtype=object), "error": np.array(errors, dtype=object),
+            "pixels": pixels}
+
+
 class BatchPredictor:
-    """Ray Data actor: loads the pyfunc once, then scores batches of paths."""
+    """Ray Data actor: loads the registered model once, then scores decoded batches.
+
+    Decoding runs in separate Ray Data tasks (other cores), so this actor spends
+    its CPU or GPU on the forward pass.
+    """
 
     def __init__(self, model_uri: str, version: str, tracking_uri: str, tta: bool = False):
         import mlflow
@@ -128,38 +157,47 @@ class BatchPredictor:
 
         set_quiet_env()
         mlflow.set_tracking_uri(tracking_uri)
-        self.model = mlflow.pyfunc.load_model(model_uri)
-        self.model.unwrap_python_model().predictor.tta = tta
+        self.predictor = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
+        self.predictor.tta = tta
         self.version = version
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        items: list[bytes | None] = []
-        read_errors: list[str | None] = []
-        container = batch["container"].iloc[0]
-        zf = zipfile.ZipFile(container) if container and zipfile.is_zipfile(container) else None
-        try:
-            for path in batch["path"]:
-                try:
-                    items.append(read_bytes(container, path, zf))
-                    read_errors.append(None)
-                except (OSError, KeyError, zipfile.BadZipFile) as exc:
-                    items.append(b"")
-                    read_errors.append(f"cannot read file: {exc}")
-        finally:
-            if zf is not None:
-                zf.close()
-        preds = self.model.predict(pd.DataFrame({"image": items}))
-        preds["error"] = [r or e for r, e in zip(read_errors, preds["error"])]
-        preds.insert(0, "path", batch["path"].to_numpy())
+    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
+        from pipeline.registry import format_predictions
+
+        # Arrow may hand a missing error back as None or NaN.
+        errors = [e if isinstance(e, str) else None for e in batch["error"]]
+        ok = [i for i, e in enumerate(errors) if e is None]
+        probs = self.predictor.predict_resized(batch["pixels"][ok])
+        preds = format_predictions(probs, ok, errors, self.predictor.meta.class_names)
+        preds.insert(0, "path", batch["path"])
         preds["model_version"] = self.version
         return preds
 
 
+def model_image_size(model_uri: str) -> int:
+    """Input size of a registered pyfunc, from its checkpoint's metadata.
+
+    Read from the file rather than by loading the pyfunc, which would put the
+    model's own copy of this package on the driver's import path.
+    """
+    import mlflow
+    import torch
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    checkpoints = sorted((local / "artifacts").rglob("*.pt"))
+    if not checkpoints:
+        raise ValueError(f"{model_uri} carries no checkpoint; was it logged by this pipeline?")
+    meta = torch.load(checkpoints[0], map_location="cpu", weights_only=True)["meta"]
+    return int(meta["image_size"])
+
+
 def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
-          prepared: str | Path | None = None) -> ScoreResult:
+          prepared: str | Path | None = None,
+          group_of: Callable[[str], str] | None = None) -> ScoreResult:
     """Score ``cfg.input`` (a folder or zip) with ``model_uri``; write a Parquet table.
 
     With ``cfg.input`` empty, scores the test split of the ``prepared`` dataset.
+    With ``group_of`` (path -> patient id), also writes ``<output>_patients.parquet``.
     """
     import time
 
@@ -178,13 +216,16 @@ def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
     if skipped:
         log.info("skipping %d non-image files (e.g. %s)", len(skipped), skipped[:3])
     init_ray()
+    size = model_image_size(model.uri)
     t0 = time.perf_counter()
     ds = ray.data.from_items(inputs.to_dict("records"))
+    ds = ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=cfg.batch_size,
+                        batch_format="pandas", num_cpus=1)
     ds = ds.map_batches(
         BatchPredictor,
         fn_constructor_kwargs={"model_uri": model.uri, "version": model.version,
                                "tracking_uri": tracking_uri(), "tta": cfg.tta},
-        batch_size=cfg.batch_size, batch_format="pandas", num_cpus=cfg.cpus_per_actor,
+        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if cfg.use_gpu else None,
         compute=ActorPoolStrategy(size=cfg.concurrency),
     )
@@ -194,7 +235,39 @@ def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
         raise RuntimeError(f"scored {n} rows for {len(inputs)} inputs; output not trusted")
     log.info("scored %d images with %s (v%s): %d errors, %.1f img/s -> %s",
              n, model.name or model.uri, model.version, n_err, rate, output)
+    if group_of is not None:
+        summary = patient_summary(pd.read_parquet(output), group_of)
+        with atomic_path(patients_path(output)) as tmp:
+            summary.to_parquet(tmp, index=False)
     return ScoreResult(Path(output), model.uri, n, n_err, len(skipped), rate)
+
+
+def patients_path(output: str | Path) -> Path:
+    """Where the per-patient summary of ``output`` goes."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}_patients.parquet")
+
+
+def patient_summary(predictions: pd.DataFrame, group_of: Callable[[str], str]) -> pd.DataFrame:
+    """Per patient: cells scored, cells that failed, and the share of each predicted label."""
+    def safe(path: str) -> str | None:
+        try:
+            return group_of(path)
+        except ValueError:
+            return None
+
+    frame = predictions.assign(patient_id=predictions["path"].map(safe))
+    unknown = int(frame["patient_id"].isna().sum())
+    if unknown:
+        log.warning("%d images have no patient id in their file name; left out of the summary", unknown)
+    frame = frame.dropna(subset=["patient_id"])
+    grouped = frame.groupby("patient_id")
+    out = pd.DataFrame({"cells": grouped.size(), "errors": grouped["error"].count()})
+    out.index.name = "patient_id"
+    for label in sorted(frame["predicted_label"].dropna().unique()):
+        out[f"fraction_{label}"] = grouped["predicted_label"].apply(lambda s, lab=label: (s == lab).sum()
+                                                                   / max(s.notna().sum(), 1))
+    return out.reset_index()
 
 
 def _write_parquet(ds, output: Path, total: int) -> tuple[int, int]:

@@ -107,7 +107,8 @@ def train(
     params = flatten({"train": asdict(cfg), **(extra_params or {})})
     params["augment.policy"] = ",".join(t["__class_fullname__"] for t in policy["transform"]["transforms"])
     run_dir = _run_dir(cfg, params, prepared)
-    with mlflow.start_run(run_id=_previous_run_id(run_dir), run_name="train") as run:
+    with mlflow.start_run(run_id=_previous_run_id(run_dir), run_name="train",
+                          log_system_metrics=cfg.system_metrics) as run:
         (run_dir / RUN_ID_FILE).write_text(run.info.run_id)
         mlflow.log_params({**params, "n_train": len(train_y), "n_val": len(val_y),
                            "class_names": ",".join(class_names), "image_size": meta.image_size})
@@ -142,6 +143,7 @@ def train(
         history = _history(run.info.run_id)
         mlflow.log_metrics({"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                             "best_val_acc": best["val_acc"]})
+        mlflow.log_artifact(str(out_dir / MODEL_FILE), artifact_path="checkpoint")
         model_uri = log_pyfunc(out_dir / MODEL_FILE, np.asarray(train_x[0]))
     # The run finished: a later run with the same settings starts afresh.
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -52,6 +52,9 @@ def test_dvc_repro_runs_every_stage_on_the_real_sample(sample_zip, tmp_path):
     scores = pd.read_parquet(project / "data/scores/predictions.parquet")
     assert len(scores) == metrics["n"] and scores["error"].isna().all()
     assert set(scores["path"]) == set(manifest.loc[manifest["split"] == "test", "path"])
+    patients = pd.read_parquet(project / "data/scores/predictions_patients.parquet")
+    test_patients = set(manifest.loc[manifest["split"] == "test", "patient_id"])
+    assert set(patients["patient_id"]) == test_patients and patients["cells"].sum() == len(scores)
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     run_id = json.loads((project / "models/train.json").read_text())["run_id"]

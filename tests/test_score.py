@@ -110,3 +110,19 @@ def test_glob_input_and_cli(ray_local, champion, image_folder, tmp_path, capsys)
           "--output", str(out), "--tta"])
     assert "scored 7 / 7 images (0 failed" in capsys.readouterr().out
     assert len(pd.read_parquet(out)) == 7
+
+
+def test_patient_summary_counts_cells_errors_and_label_shares():
+    from pipeline.datasets import malaria_patient_id
+    from pipeline.score import patient_summary
+
+    preds = pd.DataFrame({
+        "path": ["a/C1P1_x.png", "a/C1P1_y.png", "a/C1P1_z.png", "b/C2P7_x.png", "weird.png"],
+        "predicted_label": ["Parasitized", "Uninfected", None, "Uninfected", "Uninfected"],
+        "error": [None, None, "corrupt", None, None],
+    })
+    table = patient_summary(preds, malaria_patient_id).set_index("patient_id")
+    assert table.loc["P1", "cells"] == 3 and table.loc["P1", "errors"] == 1
+    assert table.loc["P1", "fraction_Parasitized"] == 0.5
+    assert table.loc["P7", "fraction_Uninfected"] == 1.0
+    assert "weird" not in "".join(table.index)
