@@ -4,6 +4,8 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Tools the pipeline starts by name (dvc, uvicorn for `mlflow models serve`) come from the venv.
+export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1 \
        NO_ALBUMENTATIONS_UPDATE=1 RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
 

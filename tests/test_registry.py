@@ -148,7 +148,9 @@ def test_mlflow_models_serve_answers_a_rest_request(model_uris, tracking_uri, tm
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    from pipeline.project import dvc_env
+
+    env = {**dvc_env(), "MLFLOW_TRACKING_URI": tracking_uri}  # the venv's uvicorn on PATH
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/serve-test@champion",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
