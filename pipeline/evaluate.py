@@ -111,7 +111,9 @@ def _binary(cfg: EvaluateConfig, val: SplitPredictions, test: SplitPredictions, 
         out[f"{metric}_ci_high"] = float(at_05.at[metric, "ci_high"])
     sections = {**{f"Cell level, {k} ({cfg.ci_level:.0%} CI, bootstrap over {len(np.unique(test.groups))} "
                    f"patients x {cfg.bootstrap})": v for k, v in ci.items()},
-                "Patient level": patients, "Reliability (test)": reliability}
+                f"Patient level (cells called at the operating point {thr:.3f}; diagnosis when "
+                f"the share reaches {cfg.patient_threshold})": patients,
+                "Reliability (test)": reliability}
     return out, sections
 
 
