@@ -61,9 +61,10 @@ def dvc_env() -> dict[str, str]:
 
 
 def dvc(project: str | Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``dvc <args>`` in ``project`` with this interpreter's DVC."""
+    """Run ``dvc <args>`` in ``project`` with this interpreter's DVC (``env`` adds variables)."""
+    env = {**dvc_env(), **kwargs.pop("env", {})}
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, check=True,
-                          env=dvc_env(), **kwargs)
+                          env=env, **kwargs)
 
 
 def repro(project: str | Path, *args: str) -> None:

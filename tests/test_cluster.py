@@ -1,0 +1,191 @@
+"""A real cluster on loopback: PostgreSQL-backed MLflow server + a 2-node Ray cluster,
+and the pipeline's train and register stages submitted with `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.project import dvc, dvc_env, scaffold
+from tests.conftest import SAMPLE_SHA256
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready after {timeout} s")
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start a process in its own process group (so it can be stopped with everything it spawned)."""
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env=env or dvc_env(), start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture()
+def postgres():
+    """A throw-away PostgreSQL cluster on 127.0.0.1 (initdb as the postgres user)."""
+    import tempfile
+
+    if not shutil.which("initdb") or not shutil.which("pg_ctl"):
+        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed: apt-get install postgresql")
+    data = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))  # pytest's tmp dirs are root-only
+    shutil.chown(data, "postgres")
+    run = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(run + ["initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    port = free_port()
+    subprocess.run(run + ["pg_ctl", "-D", str(data), "-l", str(data / "log"), "-w", "start", "-o",
+                          f"-p {port} -k {data} -c listen_addresses=127.0.0.1"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(run + ["pg_ctl", "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture()
+def mlflow_server(postgres, tmp_path):
+    port = free_port()
+    env = {**dvc_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = start([str(BIN / "mlflow"), "server", "--backend-store-uri", postgres,
+                  "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts",
+                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                 tmp_path / "mlflow.log", env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 120,
+                 "MLflow server")
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture()
+def ray_cluster(tmp_path, monkeypatch):
+    """Head on 127.0.0.2 and a worker node on 127.0.0.3, one CPU each."""
+    import tempfile
+
+    gcs, dash = free_port("127.0.0.2"), free_port("127.0.0.2")
+    ray_tmp = tempfile.mkdtemp(prefix="rt-")  # Ray's socket paths must stay under 107 bytes
+    # Token auth off for this throw-away loopback cluster; keep it on for real ones.
+    env = {**dvc_env(), "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
+    head = start([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.2",
+                  f"--port={gcs}", "--dashboard-host=127.0.0.2", f"--dashboard-port={dash}",
+                  "--num-cpus=1", f"--ray-client-server-port={free_port('127.0.0.2')}",
+                  "--min-worker-port=21000", "--max-worker-port=21999"],
+                 tmp_path / "head.log", env)
+    procs = [head]
+    try:
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.2:{dash}/", timeout=2).status == 200,
+                 120, "Ray head")
+        procs.append(start([str(BIN / "ray"), "start", "--block", f"--address=127.0.0.2:{gcs}",
+                            "--node-ip-address=127.0.0.3", "--num-cpus=1",
+                            f"--temp-dir={ray_tmp}/worker",  # its own runtime_resources
+                            f"--dashboard-agent-listen-port={free_port('127.0.0.3')}",
+                            "--min-worker-port=22000", "--max-worker-port=22999"],
+                           tmp_path / "worker.log", env))
+
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for the state API client in this process
+
+        def two_nodes() -> bool:
+            from ray.util.state import list_nodes
+
+            nodes = list_nodes(address=f"http://127.0.0.2:{dash}", raise_on_missing_output=False)
+            return sum(n.state == "ALIVE" for n in nodes) == 2
+
+        wait_for(two_nodes, 120, "two Ray nodes")
+        yield {"dashboard": f"http://127.0.0.2:{dash}", "gcs": f"127.0.0.2:{gcs}", "env": env}
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_ray_job_submit_trains_on_two_nodes_into_postgres_mlflow(
+        sample_zip, tmp_path, mlflow_server, ray_cluster):
+    import mlflow
+    from ray.util.state import list_actors
+
+    project = scaffold(tmp_path / "project", {
+        "download": {"sources": {"malaria": {"url": str(sample_zip), "sha256": SAMPLE_SHA256}}},
+        "prepare": {"image_size": 32, "max_images": 300},
+        "train": {"epochs": 1, "batch_size": 32, "num_workers": 2, "cpus_per_worker": 1.0,
+                  "storage_path": str(tmp_path / "shared-checkpoints")},
+        "evaluate": {"bootstrap": 50, "gradcam_images": 2},
+    })
+    env = {**ray_cluster["env"], "MLFLOW_TRACKING_URI": mlflow_server}
+    dvc(project, "repro", "augment", env=env)  # download, prepare, augment, here
+    # Code and params.yaml travel in the working_dir; data and outputs stay on the
+    # filesystem every node shares (here: this host), so results land in the project.
+    p = str(project)
+    job = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", ray_cluster["dashboard"],
+         "--working-dir", p,
+         "--runtime-env-json", json.dumps({"excludes": ["data", ".dvc", "mlflow.db", "mlruns"],
+                                           "env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}),
+         "--", "bash", "-c",
+         f"python stages/train.py {p}/data/prepared {p}/models/augment.yaml {p}/models "
+         f"{p}/metrics/train.json {p}/plots/train/history.csv && "
+         f"python stages/evaluate.py {p}/models {p}/data/prepared {p}/metrics/evaluate.json "
+         f"{p}/plots/evaluate {p}/reports/evaluate.md && "
+         f"python stages/register.py {p}/models {p}/metrics/evaluate.json {p}/data/prepared "
+         f"{p}/models/register.json"],
+        capture_output=True, text=True, env=env, timeout=900)
+    (tmp_path / "job.log").write_text(job.stdout + job.stderr)
+    errors = [line for line in job.stdout.splitlines() if "Error" in line or "error" in line]
+    assert job.returncode == 0, "\n".join(errors[-30:]) or job.stdout[-4000:]
+    assert "is the first model: alias set" in job.stdout
+    assert json.loads((project / "models/register.json").read_text())["promoted"]
+
+    workers = list_actors(address=ray_cluster["dashboard"], filters=[("class_name", "=", "RayTrainWorker")],
+                          detail=True, limit=100)
+    assert len({a.node_id for a in workers}) == 2, workers  # one worker per node
+
+    mlflow.set_tracking_uri(mlflow_server)
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("malaria", "champion")
+    run = client.get_run(champion.run_id)
+    assert {"train_loss", "val_loss", "test_accuracy"} <= set(run.data.metrics)
+    import numpy as np
+
+    model = mlflow.pyfunc.load_model("models:/malaria@champion")
+    preds = model.predict([np.full((50, 60, 3), 200, np.uint8)])
+    assert preds["predicted_label"].iloc[0] in {"Parasitized", "Uninfected"}
