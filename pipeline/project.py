@@ -61,8 +61,12 @@ def dvc_env() -> dict[str, str]:
 
 
 def dvc(project: str | Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    """Run ``dvc <args>`` in ``project`` with this interpreter's DVC (``env`` adds variables)."""
-    env = {**dvc_env(), **kwargs.pop("env", {})}
+    """Run ``dvc <args>`` in ``project`` with this interpreter's DVC (``env`` adds variables).
+
+    The copy tracks to its own ``mlflow.db`` unless ``env`` names another store.
+    """
+    own_store = {"MLFLOW_TRACKING_URI": f"sqlite:///{Path(project).resolve() / 'mlflow.db'}"}
+    env = {**dvc_env(), **own_store, **kwargs.pop("env", {})}
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, check=True,
                           env=env, **kwargs)
 

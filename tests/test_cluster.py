@@ -65,6 +65,8 @@ def postgres():
 
     if not shutil.which("initdb") or not shutil.which("pg_ctl"):
         pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed: apt-get install postgresql")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run PostgreSQL as the postgres user (runuser)")
     data = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))  # pytest's tmp dirs are root-only
     shutil.chown(data, "postgres")
     run = ["runuser", "-u", "postgres", "--"]
@@ -140,7 +142,7 @@ def ray_cluster(tmp_path, monkeypatch):
 
 
 def test_ray_job_submit_trains_on_two_nodes_into_postgres_mlflow(
-        sample_zip, tmp_path, mlflow_server, ray_cluster):
+        sample_zip, tmp_path, mlflow_server, ray_cluster, monkeypatch):
     import mlflow
     from ray.util.state import list_actors
 
@@ -179,13 +181,24 @@ def test_ray_job_submit_trains_on_two_nodes_into_postgres_mlflow(
                           detail=True, limit=100)
     assert len({a.node_id for a in workers}) == 2, workers  # one worker per node
 
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: undo both after this test.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    previous = mlflow.get_tracking_uri()
+    try:
+        _check_server(mlflow_server)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _check_server(mlflow_server: str) -> None:
+    import mlflow
+    import numpy as np
+
     mlflow.set_tracking_uri(mlflow_server)
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("malaria", "champion")
     run = client.get_run(champion.run_id)
     assert {"train_loss", "val_loss", "test_accuracy"} <= set(run.data.metrics)
-    import numpy as np
-
     model = mlflow.pyfunc.load_model("models:/malaria@champion")
     preds = model.predict([np.full((50, 60, 3), 200, np.uint8)])
     assert preds["predicted_label"].iloc[0] in {"Parasitized", "Uninfected"}
