@@ -42,14 +42,15 @@ def predict_split(model_path: str | Path, prepared: str | Path, split: str,
                   batch_size: int = 256, tta: bool = False) -> tuple[np.ndarray, np.ndarray, list[str], Predictor]:
     """Labels and predicted probabilities for one prepared split."""
     predictor = Predictor.from_checkpoint(model_path, batch_size=batch_size, tta=tta)
-    images, labels, class_names = load_split(prepared, split)
-    if list(predictor.meta.class_names) != class_names:
-        raise ValueError(f"model classes {predictor.meta.class_names} differ from the data's {class_names}")
-    return labels, predictor.predict_resized(images), class_names, predictor
+    pred = _split(predictor, Path(prepared), split)
+    return pred.labels, pred.probs, list(predictor.meta.class_names), predictor
 
 
 def _split(predictor: Predictor, prepared: Path, split: str) -> SplitPredictions:
-    images, labels, _ = load_split(prepared, split)
+    """Predictions, labels and patient ids of one split, after checking the class names."""
+    images, labels, class_names = load_split(prepared, split)
+    if list(predictor.meta.class_names) != class_names:
+        raise ValueError(f"model classes {predictor.meta.class_names} differ from the data's {class_names}")
     manifest = pd.read_parquet(prepared / "manifest.parquet", columns=["split", "index", "patient_id"])
     groups = manifest[manifest["split"] == split].sort_values("index")["patient_id"].to_numpy()
     return SplitPredictions(labels, predictor.predict_resized(images), groups, images)
@@ -61,9 +62,6 @@ def evaluate(cfg: EvaluateConfig, model_path: str | Path, prepared: str | Path, 
     prepared = Path(prepared)
     predictor = Predictor.from_checkpoint(model_path, batch_size=cfg.batch_size, tta=cfg.tta)
     classes = list(predictor.meta.class_names)
-    _, _, data_classes = load_split(prepared, "test")
-    if classes != data_classes:
-        raise ValueError(f"model classes {classes} differ from the data's {data_classes}")
     val, test = _split(predictor, prepared, "val"), _split(predictor, prepared, "test")
     temperature = 1.0
     if cfg.temperature_scaling:
