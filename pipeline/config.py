@@ -179,7 +179,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     seed: int = 42
-    storage_path: str = "checkpoints"
+    storage_path: str = "checkpoints"  # local/shared path or a pyarrow URI (s3://, gs://)
     max_failures: int = 2
     channels_last: bool = True
 

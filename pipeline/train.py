@@ -106,10 +106,10 @@ def train(
     init_ray()
     params = flatten({"train": asdict(cfg), **(extra_params or {})})
     params["augment.policy"] = ",".join(t["__class_fullname__"] for t in policy["transform"]["transforms"])
-    run_dir = _run_dir(cfg, params, prepared)
-    with mlflow.start_run(run_id=_previous_run_id(run_dir), run_name="train",
+    store = _run_store(cfg, params, prepared)
+    with mlflow.start_run(run_id=_previous_run_id(store), run_name="train",
                           log_system_metrics=cfg.system_metrics) as run:
-        (run_dir / RUN_ID_FILE).write_text(run.info.run_id)
+        store.write(RUN_ID_FILE, run.info.run_id)
         mlflow.log_params({**params, "n_train": len(train_y), "n_val": len(val_y),
                            "class_names": ",".join(class_names), "image_size": meta.image_size})
         mlflow.log_dict(policy, "augment_policy.yaml")
@@ -127,8 +127,8 @@ def train(
                 resources_per_worker={"CPU": cfg.cpus_per_worker},
             ),
             run_config=RunConfig(
-                name=run_dir.name,
-                storage_path=str(run_dir.parent),
+                name=store.name,
+                storage_path=store.storage,
                 checkpoint_config=CheckpointConfig(
                     num_to_keep=2, checkpoint_score_attribute="val_loss",
                     checkpoint_score_order="min"),
@@ -146,13 +146,58 @@ def train(
         mlflow.log_artifact(str(out_dir / MODEL_FILE), artifact_path="checkpoint")
         model_uri = log_pyfunc(out_dir / MODEL_FILE, np.asarray(train_x[0]))
     # The run finished: a later run with the same settings starts afresh.
-    shutil.rmtree(run_dir, ignore_errors=True)
+    store.delete()
     log.info("best epoch %d: val_loss %.4f val_acc %.4f", best["epoch"], best["val_loss"],
              best["val_acc"])
     return TrainResult(out_dir / MODEL_FILE, run.info.run_id, model_uri, int(best["epoch"]), history)
 
 
-def _run_dir(cfg: TrainConfig, params: dict[str, Any], prepared: Path) -> Path:
+@dataclass(frozen=True)
+class RunStore:
+    """One Ray Train run folder, ``<storage>/<name>``, wherever ``train.storage_path`` is:
+    a local or shared-filesystem path, or a URI pyarrow knows (``s3://``, ``gs://``,
+    ``file://``). Every node must reach it; Ray Train writes checkpoints there."""
+
+    storage: str  # Ray Train's storage_path: an absolute path or a URI
+    name: str
+
+    @classmethod
+    def at(cls, storage_path: str, name: str) -> "RunStore":
+        if "://" not in storage_path:
+            storage_path = str(Path(storage_path).resolve())
+        return cls(storage_path.rstrip("/"), name)
+
+    def _fs(self):
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(self.storage)
+        return fs, f"{root.rstrip('/')}/{self.name}"
+
+    def read(self, file: str) -> str | None:
+        """The text of ``file`` in the run folder, or None when it is not there."""
+        import pyarrow.fs
+
+        fs, path = self._fs()
+        if fs.get_file_info(f"{path}/{file}").type == pyarrow.fs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(f"{path}/{file}") as f:
+            return f.read().decode()
+
+    def write(self, file: str, text: str) -> None:
+        fs, path = self._fs()
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/{file}") as f:
+            f.write(text.encode())
+
+    def delete(self) -> None:
+        import pyarrow.fs
+
+        fs, path = self._fs()
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_dir(path)
+
+
+def _run_store(cfg: TrainConfig, params: dict[str, Any], prepared: Path) -> RunStore:
     """Ray Train storage folder named by a hash of the settings and the data.
 
     Ray Train resumes a run whose ``(storage_path, name)`` already exists, so an
@@ -162,28 +207,22 @@ def _run_dir(cfg: TrainConfig, params: dict[str, Any], prepared: Path) -> Path:
     key = json.dumps(params, sort_keys=True, default=str)
     key += split_id(prepared, "train") + split_id(prepared, "val")
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    root = Path(cfg.storage_path) if "://" not in cfg.storage_path else None
-    if root is None:
-        raise ValueError("train.storage_path must be a local or shared-filesystem path")
-    run_dir = root.resolve() / f"{cfg.model}-{digest}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return RunStore.at(cfg.storage_path, f"{cfg.model}-{digest}")
 
 
-def _previous_run_id(run_dir: Path) -> str | None:
+def _previous_run_id(store: RunStore) -> str | None:
     """MLflow run of an interrupted attempt at this run, to continue it."""
     import mlflow
 
-    path = run_dir / RUN_ID_FILE
-    if not path.exists():
+    run_id = store.read(RUN_ID_FILE)
+    if run_id is None:
         return None
-    run_id = path.read_text().strip()
     try:
-        mlflow.MlflowClient().get_run(run_id)
+        mlflow.MlflowClient().get_run(run_id.strip())
     except mlflow.exceptions.MlflowException:
         return None
-    log.info("resuming interrupted run %s from %s", run_id, run_dir)
-    return run_id
+    log.info("resuming interrupted run %s from %s/%s", run_id, store.storage, store.name)
+    return run_id.strip()
 
 
 def _history(run_id: str) -> pd.DataFrame:

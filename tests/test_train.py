@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.augment import policy
 from pipeline.config import AugmentConfig, TrainConfig
-from pipeline.train import train
+from pipeline.train import RunStore, train
 
 pytestmark = pytest.mark.slow
 POLICY = policy(AugmentConfig(), 40)
@@ -99,7 +99,8 @@ DRIVER = textwrap.dedent("""
 
 def test_interrupted_training_resumes_from_last_checkpoint_with_same_params(
         prepared_medium, tmp_path, tracking_uri):
-    args = [sys.executable, "-c", DRIVER, str(prepared_medium), str(tmp_path / "ray"),
+    # storage_path as a URI (as s3://... on a cluster): the run id is read back through pyarrow
+    args = [sys.executable, "-c", DRIVER, str(prepared_medium), f"file://{tmp_path / 'ray'}",
             str(tmp_path / "out")]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     first = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE,
@@ -131,3 +132,17 @@ def test_same_params_and_seed_give_the_same_validation_metrics(prepared_medium, 
     b = train(cfg, POLICY, prepared_medium, tmp_path / "b", "tests-repeat")
     assert a.history["val_loss"].iloc[-1] == pytest.approx(b.history["val_loss"].iloc[-1], abs=1e-4)
     assert a.history["val_acc"].iloc[-1] == pytest.approx(b.history["val_acc"].iloc[-1], abs=1e-3)
+
+
+@pytest.mark.parametrize("storage", ["ray-runs", "file://{tmp}/ray-runs"])
+def test_run_store_reads_writes_and_deletes_on_paths_and_uris(tmp_path, monkeypatch, storage):
+    monkeypatch.chdir(tmp_path)
+    store = RunStore.at(storage.format(tmp=tmp_path), "lite0-abc")
+    assert store.storage.endswith("ray-runs") and ("://" in store.storage or store.storage.startswith("/"))
+    assert store.read("mlflow_run_id.txt") is None
+    store.write("mlflow_run_id.txt", "run-1")
+    assert (tmp_path / "ray-runs/lite0-abc/mlflow_run_id.txt").read_text() == "run-1"
+    assert store.read("mlflow_run_id.txt") == "run-1"
+    store.delete()
+    assert not (tmp_path / "ray-runs/lite0-abc").exists()
+    store.delete()  # nothing left: no error
