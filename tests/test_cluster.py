@@ -1,5 +1,5 @@
 """A real cluster on loopback: PostgreSQL-backed MLflow server + a 2-node Ray cluster,
-and the pipeline's train and register stages submitted with `ray job submit`."""
+and the pipeline (`dvc repro`: train, evaluate, register, score) submitted with `ray job submit`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.project import dvc, dvc_env, scaffold
+from pipeline.project import dvc_env, scaffold
 from tests.conftest import SAMPLE_SHA256
 
 pytestmark = pytest.mark.slow
@@ -154,28 +154,19 @@ def test_ray_job_submit_trains_on_two_nodes_into_postgres_mlflow(
         "evaluate": {"bootstrap": 50, "gradcam_images": 2},
     })
     env = {**ray_cluster["env"], "MLFLOW_TRACKING_URI": mlflow_server}
-    dvc(project, "repro", "augment", env=env)  # download, prepare, augment, here
-    # Code and params.yaml travel in the working_dir; data and outputs stay on the
-    # filesystem every node shares (here: this host), so results land in the project.
-    p = str(project)
+    # As the README says: the driver runs `dvc repro` in the project on the filesystem
+    # every node shares (here: this host), so DVC's outputs land in the project.
     job = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", ray_cluster["dashboard"],
-         "--working-dir", p,
-         "--runtime-env-json", json.dumps({"excludes": ["data", ".dvc", "mlflow.db", "mlruns"],
-                                           "env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}),
-         "--", "bash", "-c",
-         f"python stages/train.py {p}/data/prepared {p}/models/augment.yaml {p}/models "
-         f"{p}/metrics/train.json {p}/plots/train/history.csv && "
-         f"python stages/evaluate.py {p}/models {p}/data/prepared {p}/metrics/evaluate.json "
-         f"{p}/plots/evaluate {p}/reports/evaluate.md && "
-         f"python stages/register.py {p}/models {p}/metrics/evaluate.json {p}/data/prepared "
-         f"{p}/models/register.json"],
+         "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}),
+         "--", "bash", "-c", f"cd {project} && dvc repro"],
         capture_output=True, text=True, env=env, timeout=900)
     (tmp_path / "job.log").write_text(job.stdout + job.stderr)
     errors = [line for line in job.stdout.splitlines() if "Error" in line or "error" in line]
     assert job.returncode == 0, "\n".join(errors[-30:]) or job.stdout[-4000:]
     assert "is the first model: alias set" in job.stdout
     assert json.loads((project / "models/register.json").read_text())["promoted"]
+    assert (project / "dvc.lock").is_file() and (project / "data/scores/predictions.parquet").is_file()
 
     workers = list_actors(address=ray_cluster["dashboard"], filters=[("class_name", "=", "RayTrainWorker")],
                           detail=True, limit=100)

@@ -4,10 +4,14 @@ their schemas, no secret is written down."""
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import textwrap
+import urllib.request
 from importlib.metadata import version
 from pathlib import Path
 
@@ -130,3 +134,122 @@ def test_rayjob_runs_dvc_repro_on_the_shared_volume():
         mounts = {m["mountPath"] for m in group["template"]["spec"]["containers"][0]["volumeMounts"]}
         assert {"/app/data", "/app/checkpoints"} <= mounts
 
+
+
+# --- the compose stack, for real, where a Docker engine runs (skipped otherwise) ---------
+
+BASE_IMAGE = os.environ.get("PIPELINE_BASE_IMAGE", "malaria-pipeline-base:bookworm")
+# Any index with torch 2.14.1: PyTorch's CPU index is not reachable from every test machine.
+TORCH_INDEX_URL = os.environ.get("TORCH_INDEX_URL", "https://pypi.org/simple")
+# A stand-in for postgres:17 made from the local base (no registry here): the same
+# environment variables, port, data folder and pg_isready as the official image.
+POSTGRES_STANDIN = r"""
+ARG BASE
+FROM ${BASE}
+RUN apt-get update && apt-get install -y --no-install-recommends postgresql-15 \
+    && rm -rf /var/lib/apt/lists/* \
+    && install -d -o postgres -g postgres /var/lib/postgresql/data
+ENV PATH=/usr/lib/postgresql/15/bin:$PATH PGDATA=/var/lib/postgresql/data
+USER postgres
+CMD set -e; if [ ! -s "$PGDATA/PG_VERSION" ]; then \
+      echo "$POSTGRES_PASSWORD" > /tmp/pw; \
+      initdb -U "$POSTGRES_USER" --pwfile=/tmp/pw -A scram-sha-256; rm /tmp/pw; \
+      echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"; \
+      echo "CREATE DATABASE $POSTGRES_DB" | postgres --single -D "$PGDATA" postgres; \
+    fi; exec postgres -c listen_addresses='*'
+"""
+
+
+def docker_engine() -> str:
+    docker = shutil.which("docker")
+    if not docker or subprocess.run([docker, "info"], capture_output=True).returncode:
+        pytest.skip("no Docker engine running (apt-get install docker.io; dockerd)")
+    if subprocess.run([docker, "compose", "version"], capture_output=True).returncode:
+        pytest.skip("no Docker Compose v2 CLI (docker compose version failed)")
+    if subprocess.run([docker, "image", "inspect", BASE_IMAGE], capture_output=True).returncode:
+        pytest.skip(f"no local base image {BASE_IMAGE}: make one with docker/make-base-image.sh "
+                    "(or set PIPELINE_BASE_IMAGE); nothing can be pulled here")
+    return docker
+
+
+@pytest.mark.slow
+def test_compose_stack_runs_the_pipeline_on_two_ray_workers(sample_zip, tmp_path, monkeypatch):
+    """Build the CPU image, start PostgreSQL, MLflow, a Ray head and two workers with
+    docker compose, let `submit` run `dvc repro` as a Ray job, and check what came back."""
+    import mlflow
+    import numpy as np
+    from ray.util.state import list_actors
+
+    from pipeline.project import scaffold
+    from tests.conftest import SAMPLE_SHA256
+    from tests.test_cluster import free_port, wait_for
+
+    docker = docker_engine()
+    (tmp_path / "pg").mkdir()
+    (tmp_path / "pg/Dockerfile").write_text(POSTGRES_STANDIN)
+    subprocess.run([docker, "build", "-q", "--build-arg", f"BASE={BASE_IMAGE}", "-t",
+                    "malaria-pipeline-test-postgres", str(tmp_path / "pg")], check=True)
+    project = scaffold(tmp_path / "project", {
+        "download": {"sources": {"malaria": {"url": f"/shared/{sample_zip.name}",
+                                             "sha256": SAMPLE_SHA256}}},
+        "prepare": {"image_size": 32, "max_images": 300},
+        "train": {"epochs": 1, "batch_size": 32, "num_workers": 2, "cpus_per_worker": 1.0},
+        "evaluate": {"bootstrap": 50, "gradcam_images": 2},
+    })
+    subprocess.run(["chown", "-R", "1000:1000", str(project)], check=True)
+    ray_port, mlflow_port = free_port(), free_port()
+    volumes = "volumes: !override " + json.dumps([f"{project}:/app", f"{sample_zip.parent}:/shared:ro"])
+    # !override: replace the lists in compose.yaml instead of appending to them.
+    text = f"""\
+    services:
+      postgres: {{image: malaria-pipeline-test-postgres}}
+      mlflow: {{ports: !override ["127.0.0.1:{mlflow_port}:5000"]}}
+      ray-head: {{ports: !override ["127.0.0.1:{ray_port}:8265"], {volumes}}}
+      ray-worker:  # one CPU a node: the two Ray Train workers must use both nodes
+        command: ray start --block --address=ray-head:6379 --num-cpus=1
+        {volumes}
+      submit: {{{volumes}}}
+    """
+    (tmp_path / "override.yaml").write_text(textwrap.dedent(text))
+    name = f"pipeline-test-{os.getpid()}"
+    compose = [docker, "compose", "-p", name, "-f", str(COMPOSE), "-f", str(tmp_path / "override.yaml")]
+    env = {**os.environ, **COMPOSE_SECRETS, "BASE_IMAGE": BASE_IMAGE,
+           "TORCH_INDEX_URL": TORCH_INDEX_URL}
+    try:
+        subprocess.run(compose + ["build"], check=True, env=env, timeout=3600)
+        subprocess.run(compose + ["up", "-d", "--scale", "ray-worker=2"], check=True, env=env)
+        waited = subprocess.run(compose + ["wait", "submit"], capture_output=True, text=True,
+                                env=env, timeout=900)
+        logs = subprocess.run(compose + ["logs", "--no-color", "submit"], capture_output=True,
+                              text=True, env=env).stdout
+        (tmp_path / "submit.log").write_text(logs)
+        # `compose wait` prints the exit code (alone, or "... exited with status code N")
+        assert re.search(r"\b(\d+)\s*$", waited.stdout).group(1) == "0", logs[-5000:]
+        assert "succeeded" in logs
+
+        # DVC's outputs came back to the project on the shared mount.
+        assert (project / "dvc.lock").is_file()
+        assert json.loads((project / "models/register.json").read_text())["promoted"]
+        assert (project / "data/scores/predictions.parquet").is_file()
+
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        monkeypatch.setenv("RAY_AUTH_TOKEN", COMPOSE_SECRETS["RAY_AUTH_TOKEN"])
+        workers = list_actors(address=f"http://127.0.0.1:{ray_port}", detail=True, limit=100,
+                              filters=[("class_name", "=", "RayTrainWorker")])
+        assert len({a.node_id for a in workers}) == 2, workers
+
+        server = f"http://127.0.0.1:{mlflow_port}"
+        wait_for(lambda: urllib.request.urlopen(f"{server}/health", timeout=2).status == 200,
+                 60, "MLflow server")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+        previous = mlflow.get_tracking_uri()
+        try:
+            mlflow.set_tracking_uri(server)
+            champion = mlflow.MlflowClient().get_model_version_by_alias("malaria", "champion")
+            assert "test_accuracy" in mlflow.MlflowClient().get_run(champion.run_id).data.metrics
+            model = mlflow.pyfunc.load_model("models:/malaria@champion")
+            assert model.predict([np.full((50, 60, 3), 200, np.uint8)])["predicted_label"].iloc[0]
+        finally:
+            mlflow.set_tracking_uri(previous)
+    finally:
+        subprocess.run(compose + ["down", "-v", "--remove-orphans"], capture_output=True, env=env)
