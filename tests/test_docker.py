@@ -178,7 +178,6 @@ def test_compose_stack_runs_the_pipeline_on_two_ray_workers(sample_zip, tmp_path
     docker compose, let `submit` run `dvc repro` as a Ray job, and check what came back."""
     import mlflow
     import numpy as np
-    from ray.util.state import list_actors
 
     from pipeline.project import scaffold
     from tests.conftest import SAMPLE_SHA256
@@ -232,11 +231,14 @@ def test_compose_stack_runs_the_pipeline_on_two_ray_workers(sample_zip, tmp_path
         assert json.loads((project / "models/register.json").read_text())["promoted"]
         assert (project / "data/scores/predictions.parquet").is_file()
 
-        monkeypatch.setenv("RAY_AUTH_MODE", "token")
-        monkeypatch.setenv("RAY_AUTH_TOKEN", COMPOSE_SECRETS["RAY_AUTH_TOKEN"])
-        workers = list_actors(address=f"http://127.0.0.1:{ray_port}", detail=True, limit=100,
-                              filters=[("class_name", "=", "RayTrainWorker")])
-        assert len({a.node_id for a in workers}) == 2, workers
+        # Ray's state API with the cluster's token (a fresh process: Ray reads the mode at start)
+        actors = subprocess.run(
+            [str(BIN / "ray"), "list", "actors", "--address", f"http://127.0.0.1:{ray_port}",
+             "--filter", "class_name=RayTrainWorker", "--detail", "--format", "json"],
+            capture_output=True, text=True, check=True,
+            env={**env, "RAY_AUTH_MODE": "token"}).stdout
+        workers = json.loads(actors)
+        assert len({a["node_id"] for a in workers}) == 2, workers  # one worker per container
 
         server = f"http://127.0.0.1:{mlflow_port}"
         wait_for(lambda: urllib.request.urlopen(f"{server}/health", timeout=2).status == 200,
