@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Make a local stand-in for python:3.11-slim-bookworm when no registry can be reached
-# (air-gapped sites, this project's CI machine): Debian bookworm from a Debian mirror
+# (air-gapped sites, this project's development machines): Debian bookworm from a Debian mirror
 # with debootstrap, Python 3.11 in a venv first on PATH, imported with `docker import`.
 #
 #   sudo docker/make-base-image.sh [TAG] [MIRROR]
-#   docker build -f docker/Dockerfile.cpu --build-arg BASE=malaria-pipeline-base:bookworm -t malaria-pipeline:cpu .
+#   docker build -f docker/Dockerfile --build-arg BASE=malaria-pipeline-base:bookworm -t malaria-pipeline:cpu .
 #
 # The host's CA bundle is copied in, so pip and apt inside the build trust the same
 # certificates (a TLS-inspecting proxy, for instance) as this machine does.
