@@ -214,15 +214,16 @@ def _previous_run_id(store: RunStore) -> str | None:
     """MLflow run of an interrupted attempt at this run, to continue it."""
     import mlflow
 
-    run_id = store.read(RUN_ID_FILE)
-    if run_id is None:
+    text = store.read(RUN_ID_FILE)
+    if text is None:
         return None
+    run_id = text.strip()
     try:
-        mlflow.MlflowClient().get_run(run_id.strip())
+        mlflow.MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
         return None
     log.info("resuming interrupted run %s from %s/%s", run_id, store.storage, store.name)
-    return run_id.strip()
+    return run_id
 
 
 def _history(run_id: str) -> pd.DataFrame:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,25 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE_ZIP = REPO.parent / "shared" / "data" / "cell_images_sample.zip"
 SAMPLE_SHA256 = "e126241df6db48ee5e710370ef90aba547d10411c89d024a6e392f15be590163"
 
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port with nothing listening on ``host`` (a loopback address)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    """Poll ``check`` until it returns true; connection errors count as not yet."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready after {timeout} s")
 
 @pytest.fixture(scope="session")
 def sample_zip() -> Path:

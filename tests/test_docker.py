@@ -53,11 +53,17 @@ def test_compose_file_matches_the_compose_spec(tmp_path):
     assert out.returncode != 0 and "helthcheck" in out.stdout + out.stderr
 
 
-def test_compose_config_with_the_docker_cli():
-    """`docker compose config` (Compose v2) resolves the file: anchors, variables, scale."""
+def docker_compose() -> str:
+    """The docker CLI, with the Compose v2 plugin (skip the test without it)."""
     docker = shutil.which("docker")
     if not docker or subprocess.run([docker, "compose", "version"], capture_output=True).returncode:
         pytest.skip("no Docker Compose v2 CLI on this machine (docker compose version failed)")
+    return docker
+
+
+def test_compose_config_with_the_docker_cli():
+    """`docker compose config` (Compose v2) resolves the file: anchors, variables, scale."""
+    docker = docker_compose()
     cmd = [docker, "compose", "-f", str(COMPOSE), "config", "--format", "json"]
     env = {k: v for k, v in os.environ.items() if k not in COMPOSE_SECRETS}
     missing = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -161,11 +167,10 @@ CMD set -e; if [ ! -s "$PGDATA/PG_VERSION" ]; then \
 
 
 def docker_engine() -> str:
-    docker = shutil.which("docker")
-    if not docker or subprocess.run([docker, "info"], capture_output=True).returncode:
+    """docker compose with a running engine and the local base image (skip otherwise)."""
+    docker = docker_compose()
+    if subprocess.run([docker, "info"], capture_output=True).returncode:
         pytest.skip("no Docker engine running (apt-get install docker.io; dockerd)")
-    if subprocess.run([docker, "compose", "version"], capture_output=True).returncode:
-        pytest.skip("no Docker Compose v2 CLI (docker compose version failed)")
     if subprocess.run([docker, "image", "inspect", BASE_IMAGE], capture_output=True).returncode:
         pytest.skip(f"no local base image {BASE_IMAGE}: make one with docker/make-base-image.sh "
                     "(or set PIPELINE_BASE_IMAGE); nothing can be pulled here")
@@ -180,8 +185,7 @@ def test_compose_stack_runs_the_pipeline_on_two_ray_workers(sample_zip, tmp_path
     import numpy as np
 
     from pipeline.project import scaffold
-    from tests.conftest import SAMPLE_SHA256
-    from tests.test_cluster import free_port, wait_for
+    from tests.conftest import SAMPLE_SHA256, free_port, wait_for
 
     docker = docker_engine()
     (tmp_path / "pg").mkdir()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 from pipeline.config import SourceConfig
 from pipeline.download import DownloadError, download
+from tests.conftest import free_port
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -75,9 +75,7 @@ def test_partial_download_resumes_with_range(server, tmp_path):
 
 
 def test_unreachable_source_fails_fast_and_says_what_to_do(tmp_path):
-    with socket.socket() as s:  # a loopback port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port with nothing listening
     t0 = time.perf_counter()
     with pytest.raises(DownloadError, match="download.sources") as err:
         download(SourceConfig(f"http://127.0.0.1:{port}/cell_images.zip", SHA),

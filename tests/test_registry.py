@@ -16,6 +16,7 @@ import pytest
 from pipeline.config import RegisterConfig
 from pipeline.registry import decode_inputs, promote
 from pipeline.synthetic import png_bytes, synthetic_cell
+from tests.conftest import free_port
 
 CFG = RegisterConfig(metric="roc_auc", alias="champion")
 
@@ -139,15 +140,12 @@ def test_register_tags_provenance(model_uris, prepared_synthetic):
 def test_mlflow_models_serve_answers_a_rest_request(model_uris, tracking_uri, tmp_path):
     import base64
     import json
-    import socket
     import time
     import urllib.request
 
     mv = mlflow.register_model(model_uris(), "serve-test")
     mlflow.MlflowClient().set_registered_model_alias("serve-test", "champion", mv.version)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     from pipeline.project import dvc_env
 
     env = {**dvc_env(), "MLFLOW_TRACKING_URI": tracking_uri}  # the venv's uvicorn on PATH
