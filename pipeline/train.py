@@ -16,11 +16,13 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -167,32 +169,29 @@ class RunStore:
             storage_path = str(Path(storage_path).resolve())
         return cls(storage_path.rstrip("/"), name)
 
-    def _fs(self):
-        import pyarrow.fs
-
+    @cached_property
+    def _location(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        """The filesystem and the run folder's path on it (resolved once: for s3://
+        pyarrow may ask the bucket for its region)."""
         fs, root = pyarrow.fs.FileSystem.from_uri(self.storage)
         return fs, f"{root.rstrip('/')}/{self.name}"
 
     def read(self, file: str) -> str | None:
         """The text of ``file`` in the run folder, or None when it is not there."""
-        import pyarrow.fs
-
-        fs, path = self._fs()
+        fs, path = self._location
         if fs.get_file_info(f"{path}/{file}").type == pyarrow.fs.FileType.NotFound:
             return None
         with fs.open_input_stream(f"{path}/{file}") as f:
             return f.read().decode()
 
     def write(self, file: str, text: str) -> None:
-        fs, path = self._fs()
+        fs, path = self._location
         fs.create_dir(path, recursive=True)
         with fs.open_output_stream(f"{path}/{file}") as f:
             f.write(text.encode())
 
     def delete(self) -> None:
-        import pyarrow.fs
-
-        fs, path = self._fs()
+        fs, path = self._location
         if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
             fs.delete_dir(path)
 
