@@ -37,6 +37,29 @@ def wait_for(check, timeout: float, what: str) -> None:
         time.sleep(0.5)
     raise TimeoutError(f"{what} not ready after {timeout} s")
 
+
+def check_champion_on_server(server: str, monkeypatch) -> None:
+    """The tracking server at ``server`` has ``malaria@champion``, its run has the
+    training and test metrics, and the model loads through pyfunc and predicts."""
+    import mlflow
+    import numpy as np
+
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: undo both afterwards.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    previous = mlflow.get_tracking_uri()
+    try:
+        mlflow.set_tracking_uri(server)
+        client = mlflow.MlflowClient()
+        champion = client.get_model_version_by_alias("malaria", "champion")
+        run = client.get_run(champion.run_id)
+        assert {"train_loss", "val_loss", "test_accuracy"} <= set(run.data.metrics)
+        model = mlflow.pyfunc.load_model("models:/malaria@champion")
+        preds = model.predict([np.full((50, 60, 3), 200, np.uint8)])
+        assert preds["predicted_label"].iloc[0] in {"Parasitized", "Uninfected"}
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 @pytest.fixture(scope="session")
 def sample_zip() -> Path:
     """The real 32-patient NIH sample beside the repository."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.project import dvc_env, scaffold
-from tests.conftest import SAMPLE_SHA256, free_port, wait_for
+from tests.conftest import SAMPLE_SHA256, check_champion_on_server, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -123,7 +123,6 @@ def ray_cluster(tmp_path, monkeypatch):
 
 def test_ray_job_submit_trains_on_two_nodes_into_postgres_mlflow(
         sample_zip, tmp_path, mlflow_server, ray_cluster, monkeypatch):
-    import mlflow
     from ray.util.state import list_actors
 
     project = scaffold(tmp_path / "project", {
@@ -152,24 +151,5 @@ def test_ray_job_submit_trains_on_two_nodes_into_postgres_mlflow(
                           detail=True, limit=100)
     assert len({a.node_id for a in workers}) == 2, workers  # one worker per node
 
-    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: undo both after this test.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    previous = mlflow.get_tracking_uri()
-    try:
-        _check_server(mlflow_server)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    check_champion_on_server(mlflow_server, monkeypatch)
 
-
-def _check_server(mlflow_server: str) -> None:
-    import mlflow
-    import numpy as np
-
-    mlflow.set_tracking_uri(mlflow_server)
-    client = mlflow.MlflowClient()
-    champion = client.get_model_version_by_alias("malaria", "champion")
-    run = client.get_run(champion.run_id)
-    assert {"train_loss", "val_loss", "test_accuracy"} <= set(run.data.metrics)
-    model = mlflow.pyfunc.load_model("models:/malaria@champion")
-    preds = model.predict([np.full((50, 60, 3), 200, np.uint8)])
-    assert preds["predicted_label"].iloc[0] in {"Parasitized", "Uninfected"}

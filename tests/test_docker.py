@@ -19,7 +19,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from pipeline.project import scaffold
+from tests.conftest import (REPO, SAMPLE_SHA256, check_champion_on_server, free_port,
+                            wait_for)
 
 DOCKER = REPO / "docker"
 BIN = Path(sys.executable).parent
@@ -112,15 +114,15 @@ def test_kubernetes_manifests_validate():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "passed for resource configmap" in out.stdout + out.stderr
     # RayJob is a CRD: its pod templates are core PodTemplateSpecs, validated strictly.
-    version = kubernetes_validate.latest_version()
+    k8s_version = kubernetes_validate.latest_version()
     templates = pod_templates(rayjob())
     assert len(templates) == 2
     for template in templates:
-        kubernetes_validate.validate(template, version, strict=True)
+        kubernetes_validate.validate(template, k8s_version, strict=True)
     bad = templates[0]
     bad["template"]["spec"]["containers"][0]["volumeMount"] = []  # misspelt: refused
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(bad, version, strict=True)
+        kubernetes_validate.validate(bad, k8s_version, strict=True)
 
 
 def test_rayjob_runs_dvc_repro_on_the_shared_volume():
@@ -139,7 +141,6 @@ def test_rayjob_runs_dvc_repro_on_the_shared_volume():
         assert all(isinstance(v, str) for v in group["rayStartParams"].values())
         mounts = {m["mountPath"] for m in group["template"]["spec"]["containers"][0]["volumeMounts"]}
         assert {"/app/data", "/app/checkpoints"} <= mounts
-
 
 
 # --- the compose stack, for real, where a Docker engine runs (skipped otherwise) ---------
@@ -181,12 +182,6 @@ def docker_engine() -> str:
 def test_compose_stack_runs_the_pipeline_on_two_ray_workers(sample_zip, tmp_path, monkeypatch):
     """Build the CPU image, start PostgreSQL, MLflow, a Ray head and two workers with
     docker compose, let `submit` run `dvc repro` as a Ray job, and check what came back."""
-    import mlflow
-    import numpy as np
-
-    from pipeline.project import scaffold
-    from tests.conftest import SAMPLE_SHA256, free_port, wait_for
-
     docker = docker_engine()
     (tmp_path / "pg").mkdir()
     (tmp_path / "pg/Dockerfile").write_text(POSTGRES_STANDIN)
@@ -251,16 +246,6 @@ def test_compose_stack_runs_the_pipeline_on_two_ray_workers(sample_zip, tmp_path
         server = f"http://127.0.0.1:{mlflow_port}"
         wait_for(lambda: urllib.request.urlopen(f"{server}/health", timeout=2).status == 200,
                  60, "MLflow server")
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
-        previous = mlflow.get_tracking_uri()
-        try:
-            mlflow.set_tracking_uri(server)
-            champion = mlflow.MlflowClient().get_model_version_by_alias("malaria", "champion")
-            assert "test_accuracy" in mlflow.MlflowClient().get_run(champion.run_id).data.metrics
-            model = mlflow.pyfunc.load_model("models:/malaria@champion")
-            label = model.predict([np.full((50, 60, 3), 200, np.uint8)])["predicted_label"].iloc[0]
-            assert label in {"Parasitized", "Uninfected"}
-        finally:
-            mlflow.set_tracking_uri(previous)
+        check_champion_on_server(server, monkeypatch)
     finally:
         subprocess.run(compose + ["down", "-v", "--remove-orphans"], capture_output=True, env=env)
