@@ -14,7 +14,7 @@ import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -124,14 +124,14 @@ def decode_batch(batch: pd.DataFrame, size: int) -> dict[str, np.ndarray]:
     from pipeline.images import ImageDecodeError, load_rgb, resize
 
     pixels = np.zeros((len(batch), size, size, 3), np.uint8)
-    errors: list[str | None] = []
+    errors: list[str] = []  # "" = decoded; a fixed string type whatever the batch holds
     container = batch["container"].iloc[0]
     zf = zipfile.ZipFile(container) if container and zipfile.is_zipfile(container) else None
     try:
         for i, path in enumerate(batch["path"]):
             try:
                 pixels[i] = resize(load_rgb(read_bytes(container, path, zf)), size)
-                errors.append(None)
+                errors.append("")
             except (OSError, KeyError, zipfile.BadZipFile) as exc:
                 errors.append(f"cannot read file: {exc}")
             except ImageDecodeError as exc:
@@ -139,7 +139,7 @@ def decode_batch(batch: pd.DataFrame, size: int) -> dict[str, np.ndarray]:
     finally:
         if zf is not None:
             zf.close()
-    return {"path": batch["path"].to_numpy(dtype=object), "error": np.array(errors, dtype=object),
+    return {"path": batch["path"].to_numpy(dtype=str), "error": np.array(errors, dtype=str),
             "pixels": pixels}
 
 
@@ -164,8 +164,7 @@ class BatchPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
         from pipeline.registry import format_predictions
 
-        # Arrow may hand a missing error back as None or NaN.
-        errors = [e if isinstance(e, str) else None for e in batch["error"]]
+        errors = [str(e) or None for e in batch["error"]]
         ok = [i for i, e in enumerate(errors) if e is None]
         probs = self.predictor.predict_resized(batch["pixels"][ok])
         preds = format_predictions(probs, ok, errors, self.predictor.meta.class_names)
@@ -174,8 +173,8 @@ class BatchPredictor:
         return preds
 
 
-def model_image_size(model_uri: str) -> int:
-    """Input size of a registered pyfunc, from its checkpoint's metadata.
+def model_meta(model_uri: str) -> dict:
+    """Metadata (image size, class names) of a registered pyfunc, from its checkpoint.
 
     Read from the file rather than by loading the pyfunc, which would put the
     model's own copy of this package on the driver's import path.
@@ -187,8 +186,23 @@ def model_image_size(model_uri: str) -> int:
     checkpoints = sorted((local / "artifacts").rglob("*.pt"))
     if not checkpoints:
         raise ValueError(f"{model_uri} carries no checkpoint; was it logged by this pipeline?")
-    meta = torch.load(checkpoints[0], map_location="cpu", weights_only=True)["meta"]
-    return int(meta["image_size"])
+    return torch.load(checkpoints[0], map_location="cpu", weights_only=True)["meta"]
+
+
+def predictions_schema(class_names: Sequence[str]) -> pa.Schema:
+    """The predictions table, declared before any batch exists.
+
+    Every batch is written against it, so a batch whose images all decoded (an
+    all-null ``error``) or all failed (all-null labels) cannot fix a column's type.
+    """
+    return pa.schema([
+        ("path", pa.string()),
+        ("predicted_label", pa.string()),
+        ("probability", pa.float64()),
+        *[(f"prob_{name}", pa.float64()) for name in class_names],
+        ("error", pa.string()),
+        ("model_version", pa.string()),
+    ])
 
 
 def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
@@ -216,7 +230,8 @@ def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
     if skipped:
         log.info("skipping %d non-image files (e.g. %s)", len(skipped), skipped[:3])
     init_ray()
-    size = model_image_size(model.uri)
+    meta = model_meta(model.uri)
+    size, schema = int(meta["image_size"]), predictions_schema(meta["class_names"])
     t0 = time.perf_counter()
     ds = ray.data.from_items(inputs.to_dict("records"))
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=cfg.batch_size,
@@ -229,14 +244,15 @@ def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
         num_gpus=1 if cfg.use_gpu else None,
         compute=ActorPoolStrategy(size=cfg.concurrency),
     )
-    n, n_err = _write_parquet(ds, Path(output), len(inputs))
+    batches = ds.iter_batches(batch_format="pandas", batch_size=None)
+    n, n_err = write_predictions(batches, Path(output), schema, len(inputs))
     rate = n / max(time.perf_counter() - t0, 1e-9)
     if n != len(inputs):
         raise RuntimeError(f"scored {n} rows for {len(inputs)} inputs; output not trusted")
     log.info("scored %d images with %s (v%s): %d errors, %.1f img/s -> %s",
              n, model.name or model.uri, model.version, n_err, rate, output)
     if group_of is not None:
-        summary = patient_summary(pd.read_parquet(output), group_of)
+        summary = patient_summary(pd.read_parquet(output), group_of, meta["class_names"])
         with atomic_path(patients_path(output)) as tmp:
             summary.to_parquet(tmp, index=False)
     return ScoreResult(Path(output), model.uri, n, n_err, len(skipped), rate)
@@ -248,8 +264,10 @@ def patients_path(output: str | Path) -> Path:
     return output.with_name(f"{output.stem}_patients.parquet")
 
 
-def patient_summary(predictions: pd.DataFrame, group_of: Callable[[str], str]) -> pd.DataFrame:
-    """Per patient: cells scored, cells that failed, and the share of each predicted label."""
+def patient_summary(predictions: pd.DataFrame, group_of: Callable[[str], str],
+                    class_names: Sequence[str]) -> pd.DataFrame:
+    """Per patient: cells scored, cells that failed, and the share of each class among the
+    cells scored (one column per class of the model, whichever labels occur)."""
     def safe(path: str) -> str | None:
         try:
             return group_of(path)
@@ -264,30 +282,29 @@ def patient_summary(predictions: pd.DataFrame, group_of: Callable[[str], str]) -
     grouped = frame.groupby("patient_id")
     out = pd.DataFrame({"cells": grouped.size(), "errors": grouped["error"].count()})
     out.index.name = "patient_id"
-    for label in sorted(frame["predicted_label"].dropna().unique()):
-        out[f"fraction_{label}"] = grouped["predicted_label"].apply(lambda s, lab=label: (s == lab).sum()
-                                                                   / max(s.notna().sum(), 1))
+    for label in class_names:
+        out[f"fraction_{label}"] = grouped["predicted_label"].apply(
+            lambda s, lab=label: float((s == lab).sum() / max(s.notna().sum(), 1)))
     return out.reset_index()
 
 
-def _write_parquet(ds, output: Path, total: int) -> tuple[int, int]:
-    """Stream the scored batches into one Parquet file, atomically."""
+def write_predictions(batches: Iterable[pd.DataFrame], output: Path, schema: pa.Schema,
+                      total: int | None = None) -> tuple[int, int]:
+    """Stream prediction batches into one Parquet file of ``schema``, atomically.
+
+    Returns:
+        (rows written, rows with an error)
+    """
     n = n_err = 0
-    writer = None
-    with atomic_path(output) as tmp, tqdm(total=total, desc="score", unit="img") as bar:
-        try:
-            for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-                table = pa.Table.from_pandas(batch, preserve_index=False)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table.cast(writer.schema))
-                n += len(batch)
-                n_err += int(batch["error"].notna().sum())
-                bar.update(len(batch))
-        finally:
-            if writer is not None:
-                writer.close()
-        if writer is None:
-            pd.DataFrame(columns=["path", "predicted_label", "probability", "error", "model_version"]) \
-                .to_parquet(tmp, index=False)
+    with atomic_path(output) as tmp, tqdm(total=total, desc="score", unit="img") as bar, \
+            pq.ParquetWriter(tmp, schema) as writer:
+        for batch in batches:
+            missing = set(schema.names) - set(batch.columns)
+            if missing:
+                raise ValueError(f"prediction batch lacks the columns {sorted(missing)}")
+            writer.write_table(pa.Table.from_pandas(batch[schema.names], schema=schema,
+                                                    preserve_index=False))
+            n += len(batch)
+            n_err += int(batch["error"].notna().sum())
+            bar.update(len(batch))
     return n, n_err

@@ -121,8 +121,118 @@ def test_patient_summary_counts_cells_errors_and_label_shares():
         "predicted_label": ["Parasitized", "Uninfected", None, "Uninfected", "Uninfected"],
         "error": [None, None, "corrupt", None, None],
     })
-    table = patient_summary(preds, malaria_patient_id).set_index("patient_id")
+    table = patient_summary(preds, malaria_patient_id, ("Parasitized", "Uninfected")).set_index("patient_id")
     assert table.loc["P1", "cells"] == 3 and table.loc["P1", "errors"] == 1
     assert table.loc["P1", "fraction_Parasitized"] == 0.5
     assert table.loc["P7", "fraction_Uninfected"] == 1.0
     assert "weird" not in "".join(table.index)
+
+
+def test_patient_summary_has_a_column_for_every_class_even_one_never_predicted():
+    from pipeline.datasets import malaria_patient_id
+    from pipeline.score import patient_summary
+
+    preds = pd.DataFrame({"path": ["C1P1_x.png", "C1P1_y.png"], "predicted_label": ["Uninfected"] * 2,
+                          "error": [None, None]})
+    table = patient_summary(preds, malaria_patient_id, ("Parasitized", "Uninfected"))
+    assert table["fraction_Parasitized"].tolist() == [0.0]
+    assert table["fraction_Uninfected"].tolist() == [1.0]
+
+
+CLASSES = ("Parasitized", "Uninfected")
+
+
+def _batch(paths: list[str], failed: set[str]) -> pd.DataFrame:
+    """A prediction batch as the scoring actor returns it (format_predictions + path/version)."""
+    from pipeline.registry import format_predictions
+
+    errors = ["cannot read file: gone" if p in failed else None for p in paths]
+    ok = [i for i, e in enumerate(errors) if e is None]
+    probs = np.tile([[0.8, 0.2]], (len(ok), 1))
+    preds = format_predictions(probs, ok, errors, CLASSES)
+    preds.insert(0, "path", np.array(paths, dtype=object))
+    preds["model_version"] = "3"
+    return preds
+
+
+# Each case is a forced order of batches: which batch comes first must not matter.
+WRITER_ORDERS = {
+    "all good, then one error": [(["a", "b"], set()), (["c", "d"], {"d"})],
+    "one error, then all good": [(["a", "b"], {"a"}), (["c", "d"], set())],
+    "all failed, then all good": [(["a", "b"], {"a", "b"}), (["c", "d"], set())],
+    "all good, then all failed": [(["a", "b"], set()), (["c", "d"], {"c", "d"})],
+    "all failed only": [(["a", "b"], {"a", "b"}), (["c"], {"c"})],
+    "empty input": [],
+}
+
+
+@pytest.mark.parametrize("order", list(WRITER_ORDERS))
+def test_writer_takes_batches_in_any_order(order, tmp_path):
+    from pipeline.score import predictions_schema, write_predictions
+
+    batches = [_batch(paths, failed) for paths, failed in WRITER_ORDERS[order]]
+    out = tmp_path / "p.parquet"
+    n, n_err = write_predictions(iter(batches), out, predictions_schema(CLASSES))
+    table = pd.read_parquet(out)
+    expected = pd.concat(batches, ignore_index=True) if batches else None
+    assert n == len(table) == (0 if expected is None else len(expected))
+    assert n_err == int(table["error"].notna().sum())
+    import pyarrow.parquet as pq
+
+    assert pq.read_schema(out).types == predictions_schema(CLASSES).types  # never null-typed
+    assert list(table.columns) == ["path", "predicted_label", "probability", "prob_Parasitized",
+                                   "prob_Uninfected", "error", "model_version"]
+    if expected is not None:
+        assert table["path"].tolist() == expected["path"].tolist()
+        failed = table["error"].notna()
+        assert table.loc[failed, "predicted_label"].isna().all()
+        assert (table.loc[~failed, "predicted_label"] == "Parasitized").all()
+        assert np.allclose(table.loc[~failed, "prob_Parasitized"], 0.8)
+
+
+def test_writer_leaves_no_output_when_a_batch_fails(tmp_path):
+    from pipeline.score import predictions_schema, write_predictions
+
+    def batches():
+        yield _batch(["a"], set())
+        raise RuntimeError("actor died")
+
+    out = tmp_path / "p.parquet"
+    with pytest.raises(RuntimeError, match="actor died"):
+        write_predictions(batches(), out, predictions_schema(CLASSES))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _unreadable_at_start_middle_end(root):
+    """12 good cells and 3 unreadable files that sort first, in the middle and last."""
+    rng = np.random.default_rng(3)
+    root.mkdir(parents=True)
+    for i in range(12):
+        (root / f"m{i:02d}_cell.png").write_bytes(png_bytes(synthetic_cell(rng, i % 2 == 0)))
+    bad = {"000_first.png": b"", "m05_middle.png": b"text, not a png", "zzz_corrupt.png": b"not an image"}
+    for name, data in bad.items():
+        (root / name).write_bytes(data)
+    return bad
+
+
+@pytest.mark.parametrize("container", ["folder", "zip"])
+def test_unreadable_images_anywhere_in_the_input_get_error_rows(container, ray_local, champion,
+                                                                tmp_path):
+    root = tmp_path / "cells"
+    bad = _unreadable_at_start_middle_end(root)
+    source = root
+    if container == "zip":
+        source = tmp_path / "cells.zip"
+        with zipfile.ZipFile(source, "w") as zf:
+            for p in sorted(root.iterdir()):
+                zf.write(p, p.name)
+    result = score(ScoreConfig(input=str(source), batch_size=4), champion, tmp_path / "out.parquet")
+    table = pd.read_parquet(result.output)
+    assert len(table) == table["path"].nunique() == 15 == result.n_images
+    assert result.n_errors == 3
+    errors = table.set_index("path")["error"]
+    assert "empty" in errors["000_first.png"]
+    assert "not a readable image" in errors["m05_middle.png"]
+    assert "not a readable image" in errors["zzz_corrupt.png"]
+    assert errors.drop(list(bad)).isna().all()
+    assert table.set_index("path").loc[list(bad), "predicted_label"].isna().all()
