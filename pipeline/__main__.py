@@ -1,5 +1,7 @@
 """Command line: ``pipeline demo`` (every stage on synthetic cells), ``pipeline score``
-(batch scoring outside DVC), ``pipeline rollback`` (move the champion alias back)."""
+(batch scoring outside DVC), ``pipeline rollback`` (move the champion alias back),
+``pipeline report regimes`` (the transfer-learning table), ``pipeline benchmark``
+(throughput measurements)."""
 
 from __future__ import annotations
 
@@ -60,11 +62,57 @@ def score_cmd(args: argparse.Namespace) -> None:
 
 def rollback_cmd(args: argparse.Namespace) -> None:
     """Move the alias back to the previous champion (or a named version)."""
-    from pipeline.registry import rollback, set_tracking
+    from pipeline.registry import rollback
+    from pipeline.tracking import setup_mlflow
 
-    set_tracking()
+    setup_mlflow()
     left, now = rollback(args.name, args.alias, args.to)
     print(f"{args.name}: alias '{args.alias}' moved from v{left} to v{now}")
+
+
+def report_cmd(args: argparse.Namespace) -> None:
+    """Train every transfer-learning regime and write the markdown table."""
+    from pipeline.regime_table import write_regime_table
+
+    print(write_regime_table(args.prepared, args.epochs, args.out, args.work_dir))
+
+
+def benchmark_cmd(args: argparse.Namespace) -> None:
+    """Run one throughput comparison and print it as JSON."""
+    import json
+
+    from pipeline import benchmark
+
+    if args.what == "augment":
+        result = benchmark.augment_vs_train_step(Path(args.prepared), args.preset)
+    else:
+        result = benchmark.scoring_vs_forward(args.model, Path(args.prepared), args.images,
+                                              args.batch_size, args.concurrency)
+    print(json.dumps(result))
+
+
+def _add_report(sub) -> None:
+    from pipeline.config import TrainConfig
+
+    p = sub.add_parser("report", help="train every transfer-learning regime; write the table")
+    p.add_argument("table", choices=["regimes"], help="which table")
+    p.add_argument("--prepared", default="data/prepared", help="output of the prepare stage")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--out", default="docs/regimes.md")
+    p.add_argument("--work-dir", default="data/regimes")
+    p.set_defaults(func=report_cmd)
+
+
+def _add_benchmark(sub) -> None:
+    p = sub.add_parser("benchmark", help="throughput: score() vs forward pass, augmentation vs step")
+    p.add_argument("what", choices=["scoring", "augment"])
+    p.add_argument("--prepared", default="data/prepared")
+    p.add_argument("--preset", default="strong", help="augment: the augmentation preset")
+    p.add_argument("--model", default="models:/malaria@champion", help="scoring: the model")
+    p.add_argument("--images", type=int, default=20000, help="scoring: images to score")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.set_defaults(func=benchmark_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alias", default="champion")
     p.add_argument("--to", default=None, help="version (default: the previous champion)")
     p.set_defaults(func=rollback_cmd)
+    _add_report(sub)
+    _add_benchmark(sub)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -1,4 +1,4 @@
-"""Albumentations policies from the ``augment:`` params: build, save, load, preview.
+"""Albumentations policies from the ``augment:`` params: build, save, load; TTA views.
 
 The ``augment`` stage writes the policy in Albumentations' own serialisation
 format (``A.save``); ``train`` loads exactly that file, and it is logged to
@@ -86,37 +86,7 @@ def load_policy(policy_dict: dict[str, Any], seed: int | None = None) -> A.Compo
     return transform
 
 
-def apply(transform: A.Compose, images: np.ndarray) -> np.ndarray:
-    """Apply ``transform`` to each image of an ``NxHxWx3`` batch."""
-    return np.stack([transform(image=img)["image"] for img in images])
-
-
-def preview(transform: A.Compose, images: np.ndarray, path: str | Path, n_aug: int = 6) -> Path:
-    """Grid PNG: each row one original image, then ``n_aug`` augmented versions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.utils import atomic_path
-
-    fig, axes = plt.subplots(len(images), n_aug + 1, figsize=(1.4 * (n_aug + 1), 1.4 * len(images)),
-                             squeeze=False)
-    for r, img in enumerate(images):
-        row = [img] + [transform(image=img)["image"] for _ in range(n_aug)]
-        for c, shown in enumerate(row):
-            axes[r, c].imshow(shown)
-            axes[r, c].axis("off")
-        axes[r, 0].set_title("original" if r == 0 else "", fontsize=7)
-    fig.suptitle("Augmentation preview (original, then augmented)", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return Path(path)
-
-
-def tta_views(batch: "np.ndarray") -> list[np.ndarray]:
+def tta_views(batch: np.ndarray) -> list[np.ndarray]:
     """The eight dihedral views (rotations x flip) of an ``NxHxWxC`` batch."""
     views = []
     for flip in (False, True):

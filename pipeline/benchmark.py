@@ -1,19 +1,18 @@
 """Throughput measurements behind the README's tables.
 
-``python -m pipeline.benchmark scoring --model models:/malaria@champion --images 20000``
+``pipeline benchmark scoring --model models:/malaria@champion --images 20000``
 writes N PNG cells (copies of the prepared test images, cycled) to a folder,
 times ``score`` over them, then times the plain forward pass of the same model
 on the same images (already decoded and resized) with the same batch size and
 the same number of CPU threads, and prints both and their ratio.
 
-``python -m pipeline.benchmark augment`` times the strong augmentation preset
+``pipeline benchmark augment`` times the strong augmentation preset
 against one training step of the model, both on one CPU core.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,18 +21,16 @@ import numpy as np
 import torch
 
 from pipeline.config import ScoreConfig
-from pipeline.utils import set_quiet_env, setup_logging
+from pipeline.prepared import PreparedData
 
 
 def write_images(prepared: Path, n: int, out: Path) -> None:
     """``n`` PNG files cycled from the prepared test split's original images."""
-    import pandas as pd
-
-    manifest = pd.read_parquet(prepared / "manifest.parquet")
-    paths = manifest.loc[manifest["split"] == "test", "path"].tolist()
+    data = PreparedData(prepared)
+    paths = data.rows("test")["path"].tolist()
     out.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        src = prepared / "images" / paths[i % len(paths)]
+        src = data.images_dir / paths[i % len(paths)]
         (out / f"{i:06d}.png").write_bytes(src.read_bytes())
 
 
@@ -65,11 +62,9 @@ def augment_vs_train_step(prepared: Path, preset: str = "strong", model: str = "
     from pipeline.config import AugmentConfig
     from pipeline.inference import ModelMeta, to_tensor
     from pipeline.models import create_model, model_info
-    from pipeline.prepare import load_split
-
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    images = np.asarray(load_split(prepared, "train")[0][:n_images])
+    images = np.asarray(PreparedData(prepared).split("train").images[:n_images])
     size = images.shape[1]
     transform = build_train_transform(AugmentConfig(preset=preset), size, seed=0)
     t0 = time.perf_counter()
@@ -93,43 +88,27 @@ def augment_vs_train_step(prepared: Path, preset: str = "strong", model: str = "
             "train_step_images_per_s": round(step, 1), "model": model}
 
 
-def main(argv: list[str] | None = None) -> None:
-    set_quiet_env()
-    setup_logging()
-    parser = argparse.ArgumentParser(prog="python -m pipeline.benchmark", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("augment", help="augmentation vs training step throughput, one core")
-    a.add_argument("--prepared", default="data/prepared")
-    a.add_argument("--preset", default="strong")
-    parser_s = sub.add_parser("scoring", help="score() vs the bare forward pass")
-    parser_s.add_argument("--model", required=True)
-    parser_s.add_argument("--prepared", default="data/prepared")
-    parser_s.add_argument("--images", type=int, default=20000)
-    parser_s.add_argument("--batch-size", type=int, default=64)
-    parser_s.add_argument("--concurrency", type=int, default=1)
-    args = parser.parse_args(argv)
-    if args.command == "augment":
-        print(json.dumps(augment_vs_train_step(Path(args.prepared), args.preset)))
-        return
+def scoring_vs_forward(model: str, prepared: Path, n_images: int, batch_size: int,
+                       concurrency: int) -> dict[str, float]:
+    """``score`` over ``n_images`` files against the bare forward pass of the same model."""
     from pipeline.score import resolve_model, score
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import setup_mlflow
 
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    uri = resolve_model(args.model).uri
+    setup_mlflow()
+    uri = resolve_model(model).uri
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d) / "cells"
-        write_images(Path(args.prepared), args.images, folder)
-        cfg = ScoreConfig(input=str(folder), batch_size=args.batch_size, concurrency=args.concurrency)
+        write_images(prepared, n_images, folder)
+        cfg = ScoreConfig(input=str(folder), batch_size=batch_size, concurrency=concurrency)
         scored = score(cfg, uri, Path(d) / "preds.parquet")
-        forward = forward_throughput(uri, folder, args.batch_size, args.concurrency)
-    result = {"images": args.images, "batch_size": args.batch_size, "cpus": args.concurrency,
-              "score_images_per_s": round(scored.images_per_s, 1),
-              "forward_images_per_s": round(forward, 1),
-              "ratio": round(scored.images_per_s / forward, 3)}
-    print(json.dumps(result))
+        forward = forward_throughput(uri, folder, batch_size, concurrency)
+    return {"images": n_images, "batch_size": batch_size, "cpus": concurrency,
+            "score_images_per_s": round(scored.images_per_s, 1),
+            "forward_images_per_s": round(forward, 1),
+            "ratio": round(scored.images_per_s / forward, 3)}
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # ``python -m pipeline.benchmark ...`` = ``pipeline benchmark ...``
+    from pipeline.__main__ import main
+
+    main(["benchmark", *sys.argv[1:]])

@@ -105,13 +105,6 @@ class DownloadConfig:
     timeout_s: float = 20.0
     chunk_bytes: int = 1 << 20
 
-    def source(self, dataset: str) -> SourceConfig:
-        """The source of ``dataset``, or a clear error naming the param to set."""
-        if dataset not in self.sources:
-            raise ConfigError(f"no download.sources.{dataset} in params.yaml; add its url "
-                              f"(and sha256 or md5). Known: {sorted(self.sources)}")
-        return self.sources[dataset]
-
 
 @dataclass(frozen=True)
 class PrepareConfig:
@@ -234,3 +227,8 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in self.download.sources:
+            raise ConfigError(f"no download.sources.{self.dataset}: add its url (and sha256 or md5) "
+                              f"to params.yaml; datasets with a source: {sorted(self.download.sources)}")

@@ -47,13 +47,15 @@ class DatasetSpec:
 
     ``kind`` is ``"archive"`` (a zip of ``<class>/<image>`` files, split here by
     group) or ``"npz"`` (MedMNIST arrays with their official split kept as is).
+    ``has_patients`` says whether ``group_of`` reads a patient from a file name;
+    without it every image is its own group.
     """
 
     name: str
     kind: str = "archive"
     label_of: Callable[[str], str] = folder_label
     group_of: Callable[[str], str] = file_stem
-    positive_class: str | None = None
+    has_patients: bool = False
     class_names: tuple[str, ...] = ()  # npz: label index -> name
     licence: str = ""
 
@@ -72,9 +74,9 @@ _MEDMNIST_LICENCE = {"bloodmnist": "CC BY 4.0", "pathmnist": "CC BY 4.0",
                      "dermamnist": "CC BY-NC 4.0 (non-commercial use only)"}
 
 DATASETS: dict[str, DatasetSpec] = {
-    "malaria": DatasetSpec("malaria", "archive", folder_label, malaria_patient_id, "Parasitized",
+    "malaria": DatasetSpec("malaria", "archive", folder_label, malaria_patient_id, has_patients=True,
                            licence="public domain (U.S. National Library of Medicine)"),
-    "imagefolder": DatasetSpec("imagefolder", "archive", folder_label, file_stem),
+    "imagefolder": DatasetSpec("imagefolder", "archive", folder_label, file_stem, has_patients=False),
     **{f"{name}{suffix}": DatasetSpec(f"{name}{suffix}", "npz", class_names=classes,
                                       licence=_MEDMNIST_LICENCE[name])
        for name, classes in _MEDMNIST_CLASSES.items() for suffix in ("", "_64", "_128", "_224")},

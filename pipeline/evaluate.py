@@ -17,7 +17,7 @@ from pipeline.config import EvaluateConfig
 from pipeline.inference import Predictor
 from pipeline.metrics import classification_metrics
 from pipeline.plots import write_plots
-from pipeline.prepare import load_split
+from pipeline.prepared import PreparedData
 from pipeline.utils import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -42,27 +42,26 @@ def predict_split(model_path: str | Path, prepared: str | Path, split: str,
                   batch_size: int = 256, tta: bool = False) -> tuple[np.ndarray, np.ndarray, list[str], Predictor]:
     """Labels and predicted probabilities for one prepared split."""
     predictor = Predictor.from_checkpoint(model_path, batch_size=batch_size, tta=tta)
-    pred = _split(predictor, Path(prepared), split)
+    pred = _split(predictor, PreparedData(prepared), split)
     return pred.labels, pred.probs, list(predictor.meta.class_names), predictor
 
 
-def _split(predictor: Predictor, prepared: Path, split: str) -> SplitPredictions:
+def _split(predictor: Predictor, data: PreparedData, split: str) -> SplitPredictions:
     """Predictions, labels and patient ids of one split, after checking the class names."""
-    images, labels, class_names = load_split(prepared, split)
-    if list(predictor.meta.class_names) != class_names:
-        raise ValueError(f"model classes {predictor.meta.class_names} differ from the data's {class_names}")
-    manifest = pd.read_parquet(prepared / "manifest.parquet", columns=["split", "index", "patient_id"])
-    groups = manifest[manifest["split"] == split].sort_values("index")["patient_id"].to_numpy()
-    return SplitPredictions(labels, predictor.predict_resized(images), groups, images)
+    if list(predictor.meta.class_names) != data.class_names:
+        raise ValueError(f"model classes {predictor.meta.class_names} differ from the data's "
+                         f"{data.class_names}")
+    part = data.split(split)
+    return SplitPredictions(part.labels, predictor.predict_resized(part.images), part.groups, part.images)
 
 
 def evaluate(cfg: EvaluateConfig, model_path: str | Path, prepared: str | Path, metrics_path: str | Path,
              plots_dir: str | Path, report_path: str | Path, run_id: str | None = None) -> EvaluateResult:
     """Score the validation and test splits; write metrics JSON, plots and a markdown report."""
-    prepared = Path(prepared)
+    data = PreparedData(prepared)
     predictor = Predictor.from_checkpoint(model_path, batch_size=cfg.batch_size, tta=cfg.tta)
     classes = list(predictor.meta.class_names)
-    val, test = _split(predictor, prepared, "val"), _split(predictor, prepared, "test")
+    val, test = _split(predictor, data, "val"), _split(predictor, data, "test")
     temperature = 1.0
     if cfg.temperature_scaling:
         temperature = clinical.fit_temperature(val.probs, val.labels)
@@ -96,19 +95,20 @@ def _binary(cfg: EvaluateConfig, val: SplitPredictions, test: SplitPredictions, 
     v_pos, t_pos = (val.labels == pos).astype(int), (test.labels == pos).astype(int)
     v_p, t_p = val.probs[:, pos], test.probs[:, pos]
     thr = clinical.threshold_for_sensitivity(v_pos, v_p, cfg.target_sensitivity)
-    ci = {name: clinical.bootstrap_ci(t_pos, t_p, test.groups, t, cfg.bootstrap, cfg.ci_level)
-          for name, t in (("threshold 0.5", 0.5), (f"operating point {thr:.3f}", thr))}
+    at_05, at_op = (clinical.bootstrap_ci(t_pos, t_p, test.groups, t, cfg.bootstrap, cfg.ci_level)
+                    for t in (0.5, thr))
     patients, patient_summary = clinical.patient_level(test.groups, t_pos, t_p, thr, cfg.patient_threshold)
     ece, reliability = clinical.expected_calibration_error(t_pos, t_p)
-    at_05, at_op = ci["threshold 0.5"], ci[f"operating point {thr:.3f}"]
     out = {"pr_auc": float(at_05.at["pr_auc", "value"]), "ece": ece, "operating_threshold": thr,
            "operating_sensitivity": float(at_op.at["sensitivity", "value"]),
            "operating_specificity": float(at_op.at["specificity", "value"]), **patient_summary}
     for metric in ("accuracy", "roc_auc", "sensitivity", "specificity"):
         out[f"{metric}_ci_low"] = float(at_05.at[metric, "ci_low"])
         out[f"{metric}_ci_high"] = float(at_05.at[metric, "ci_high"])
-    sections = {**{f"Cell level, {k} ({cfg.ci_level:.0%} CI, bootstrap over {len(np.unique(test.groups))} "
-                   f"patients x {cfg.bootstrap})": v for k, v in ci.items()},
+    ci_title = (f"({cfg.ci_level:.0%} CI, bootstrap over {len(np.unique(test.groups))} patients "
+                f"x {cfg.bootstrap})")
+    sections = {f"Cell level, threshold 0.5 {ci_title}": at_05,
+                f"Cell level, operating point {thr:.3f} {ci_title}": at_op,
                 f"Patient level (cells called at the operating point {thr:.3f}; diagnosis when "
                 f"the share reaches {cfg.patient_threshold})": patients,
                 "Reliability (test)": reliability}
@@ -154,9 +154,9 @@ def write_report(path: Path, metrics: dict, sections: dict, plots: dict[str, Pat
 def _log_to_mlflow(run_id: str, metrics: dict, files: list[Path]) -> None:
     import mlflow
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import setup_mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    setup_mlflow()
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()
                             if isinstance(v, float) and np.isfinite(v)})

@@ -28,7 +28,6 @@ class ModelMeta:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    positive_class: str | None = None
 
 
 def to_tensor(batch: np.ndarray | torch.Tensor, meta: ModelMeta, device: torch.device | str = "cpu",
@@ -54,7 +53,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, M
     state = torch.load(path, map_location=device, weights_only=True)
     m = state["meta"]
     meta = ModelMeta(m["model"], tuple(m["class_names"]), int(m["image_size"]),
-                     tuple(m["mean"]), tuple(m["std"]), m.get("positive_class"))
+                     tuple(m["mean"]), tuple(m["std"]))
     model = create_model(meta.model, len(meta.class_names), pretrained=False)
     model.load_state_dict(state["model"])
     model.to(device).eval()

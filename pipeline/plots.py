@@ -1,19 +1,26 @@
-"""Evaluation plots: CSV for ``dvc plots`` and PNG for people (and MLflow)."""
+"""Evaluation plots: CSV for ``dvc plots`` and PNG for people (and MLflow).
+
+Figures are built with matplotlib's object API (:func:`figure`), which renders
+to files without pyplot or a GUI backend, so importing this module changes no
+global state.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn import metrics as skm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
+from pipeline.clinical import expected_calibration_error
+from pipeline.utils import atomic_path
 
-from pipeline.clinical import expected_calibration_error  # noqa: E402
-from pipeline.utils import atomic_path  # noqa: E402
+
+def figure(figsize: tuple[float, float]) -> Figure:
+    """A figure that renders to files (Agg), independent of pyplot's backend."""
+    return Figure(figsize=figsize)
 
 
 def write_plots(labels: np.ndarray, probs: np.ndarray, class_names: list[str],
@@ -45,7 +52,8 @@ def write_plots(labels: np.ndarray, probs: np.ndarray, class_names: list[str],
                                       f"ECE = {ece:.4f}", f"Predicted P({name})", "Observed frequency",
                                       "Reliability diagram", out / "reliability.png", diagonal=True,
                                       marker="o")
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig = figure((4.5, 4.5))
+    ax = fig.subplots()
     skm.ConfusionMatrixDisplay.from_predictions(frames["confusion"]["actual"], frames["confusion"]["predicted"],
                                                 labels=class_names, ax=ax, colorbar=False)
     ax.set_title("Confusion matrix (test)")
@@ -55,7 +63,8 @@ def write_plots(labels: np.ndarray, probs: np.ndarray, class_names: list[str],
 
 def _curve(x, y, label: str, xlabel: str, ylabel: str, title: str, path: Path,
            diagonal: bool = False, marker: str | None = None) -> Path:
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig = figure((4.5, 4.5))
+    ax = fig.subplots()
     ax.plot(x, y, label=label, marker=marker)
     if diagonal:
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
@@ -67,7 +76,8 @@ def _curve(x, y, label: str, xlabel: str, ylabel: str, title: str, path: Path,
 def gradcam_grid(images: np.ndarray, cams: np.ndarray, titles: list[str], path: Path, cols: int = 4) -> Path:
     """Each image beside its Grad-CAM overlay, with a caption."""
     rows = int(np.ceil(len(images) / cols))
-    fig, axes = plt.subplots(rows, cols * 2, figsize=(cols * 3.2, rows * 1.9), squeeze=False)
+    fig = figure((cols * 3.2, rows * 1.9))
+    axes = fig.subplots(rows, cols * 2, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i, (img, cam, title) in enumerate(zip(images, cams, titles)):
@@ -81,9 +91,22 @@ def gradcam_grid(images: np.ndarray, cams: np.ndarray, titles: list[str], path: 
     return _save(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path, dpi: int = 120) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+        fig.savefig(tmp, dpi=dpi, format="png")
     return path
+
+
+def augmentation_preview(transform, images: np.ndarray, path: str | Path, n_aug: int = 6) -> Path:
+    """Grid PNG: each row one original image, then ``n_aug`` augmented versions by ``transform``."""
+    fig = figure((1.4 * (n_aug + 1), 1.4 * len(images)))
+    axes = fig.subplots(len(images), n_aug + 1, squeeze=False)
+    for r, img in enumerate(images):
+        row = [img] + [transform(image=img)["image"] for _ in range(n_aug)]
+        for c, shown in enumerate(row):
+            axes[r, c].imshow(shown)
+            axes[r, c].axis("off")
+        axes[r, 0].set_title("original" if r == 0 else "", fontsize=7)
+    fig.suptitle("Augmentation preview (original, then augmented)", fontsize=8)
+    return _save(fig, Path(path), dpi=100)

@@ -1,13 +1,6 @@
 """Extract, validate, split and resize a dataset archive into training arrays.
 
-Output folder layout (one DVC output)::
-
-    manifest.parquet      path, label, patient_id, split, width, height, sha256, index
-    {train,val,test}.npy  uint8 arrays (N, S, S, 3) of images resized to S, row
-                          ``index`` of the manifest; read with mmap, no decoding
-    images/               the original files, for scoring and inspection
-    quarantine/           files that failed to decode, with quarantine.csv
-    report.json           counts of kept, skipped and quarantined files
+Writes the folder whose layout :mod:`pipeline.prepared` describes and reads.
 """
 
 from __future__ import annotations
@@ -27,7 +20,9 @@ from tqdm.auto import tqdm
 from pipeline.config import PrepareConfig
 from pipeline.datasets import DatasetSpec, get_dataset, is_image_name
 from pipeline.images import ImageDecodeError, load_rgb, resize
-from pipeline.split import SPLITS, group_split
+from pipeline.prepared import (DATA_CARD, IMAGES_DIR, MANIFEST, QUARANTINE_DIR, REPORT, SPLITS,
+                               array_file)
+from pipeline.split import group_split
 from pipeline.utils import write_json
 
 log = logging.getLogger(__name__)
@@ -67,7 +62,7 @@ def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig, datase
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
+    (tmp / IMAGES_DIR).mkdir(parents=True)
     extract = _extract_npz if spec.kind == "npz" else _extract
     records, pixels, skipped, bad = extract(Path(archive), tmp, spec, cfg.image_size)
     if not records:
@@ -87,11 +82,11 @@ def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig, datase
     manifest = _write_arrays(manifest, pixels, tmp)
     class_names = sorted(manifest["label"].unique())
     quarantined = pd.DataFrame(bad, columns=["path", "reason"])
-    quarantined.to_csv(tmp / "quarantine" / "quarantine.csv", index=False) if bad else None
-    manifest.to_parquet(tmp / "manifest.parquet", index=False)
+    quarantined.to_csv(tmp / QUARANTINE_DIR / "quarantine.csv", index=False) if bad else None
+    manifest.to_parquet(tmp / MANIFEST, index=False)
     report = _report(manifest, class_names, skipped, quarantined, duplicates, cfg)
-    write_json(tmp / "report.json", report)
-    (tmp / "data_card.md").write_text(data_card(spec, manifest, report, duplicates))
+    write_json(tmp / REPORT, report)
+    (tmp / DATA_CARD).write_text(data_card(spec, manifest, report, duplicates))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     log.info("prepared %d images (%d skipped, %d quarantined) in %s",
@@ -146,7 +141,7 @@ def _extract_npz(archive: Path, root: Path, spec: DatasetSpec, size: int):
             rgb = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
             name = spec.class_names[int(label)]
             path = f"{split}/{name.replace('/', '_')}/{spec.name}_{split}_{i:06d}.png"
-            dest = root / "images" / path
+            dest = root / IMAGES_DIR / path
             dest.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rgb).save(dest, format="PNG")
             pixels.append(resize(rgb, size))
@@ -168,7 +163,7 @@ def _extract(
     with zipfile.ZipFile(archive) as zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
         for m in members:  # check every path before writing anything
-            safe_member_path(m.filename, root / "images")
+            safe_member_path(m.filename, root / IMAGES_DIR)
             if stat.S_ISLNK(m.external_attr >> 16):
                 raise UnsafeArchiveError(f"archive member '{m.filename}' is a symbolic link")
         for m in tqdm(members, desc="prepare", unit="img"):
@@ -180,12 +175,12 @@ def _extract(
                 img = load_rgb(data)
                 label, group = spec.label_of(m.filename), spec.group_of(m.filename)
             except (ImageDecodeError, ValueError) as exc:
-                dest = safe_member_path(m.filename, root / "quarantine")
+                dest = safe_member_path(m.filename, root / QUARANTINE_DIR)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(data)
                 bad.append((m.filename, str(exc)))
                 continue
-            dest = safe_member_path(m.filename, root / "images")
+            dest = safe_member_path(m.filename, root / IMAGES_DIR)
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)
             pixels.append(resize(img, size))
@@ -208,7 +203,7 @@ def _write_arrays(manifest: pd.DataFrame, pixels: list[np.ndarray], root: Path) 
     for split in SPLITS:
         rows = np.flatnonzero(manifest["split"].to_numpy() == split)
         stack = [pixels[r] for r in manifest["row"].to_numpy()[rows]]
-        np.save(root / f"{split}.npy", np.stack(stack) if stack else np.zeros((0, *pixels[0].shape), np.uint8))
+        np.save(root / array_file(split), np.stack(stack) if stack else np.zeros((0, *pixels[0].shape), np.uint8))
         manifest.loc[rows, "index"] = np.arange(len(rows))
     return manifest.drop(columns="row")
 
@@ -255,21 +250,3 @@ def data_card(spec: DatasetSpec, manifest: pd.DataFrame, report: dict, duplicate
               "Kept (set `prepare.drop_duplicates: true` to drop them from the later split).", ""]
     lines += [f"- `{r.path}` ({r.split})" for r in duplicates.head(50).itertuples()] + [""]
     return "\n".join(lines)
-
-
-def load_split(prepared: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images (memory-mapped), integer labels and class names of one split."""
-    prepared = Path(prepared)
-    manifest = pd.read_parquet(prepared / "manifest.parquet")
-    class_names = sorted(manifest["label"].unique())
-    rows = manifest[manifest["split"] == split].sort_values("index")
-    images = np.load(prepared / f"{split}.npy", mmap_mode="r")
-    labels = rows["label"].map({c: i for i, c in enumerate(class_names)}).to_numpy(np.int64)
-    return images, labels, class_names
-
-
-def split_id(prepared: str | Path, split: str) -> str:
-    """Content hash of a split's images: equal ids mean the same test set."""
-    manifest = pd.read_parquet(Path(prepared) / "manifest.parquet")
-    hashes = sorted(manifest.loc[manifest["split"] == split, "sha256"])
-    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:16]

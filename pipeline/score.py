@@ -24,6 +24,9 @@ from tqdm.auto import tqdm
 
 from pipeline.config import ScoreConfig
 from pipeline.datasets import is_image_name
+from pipeline.prepared import PreparedData
+from pipeline.serving import format_predictions, model_meta, predictions_schema
+from pipeline.tracking import setup_mlflow
 from pipeline.utils import atomic_path, init_ray
 
 log = logging.getLogger(__name__)
@@ -104,12 +107,10 @@ def _split_names(names: list[str], container: str) -> tuple[pd.DataFrame, list[s
     return pd.DataFrame({"path": keep, "container": container}), skipped
 
 
-def split_inputs(prepared: str | Path, split: str = "test") -> pd.DataFrame:
+def split_inputs(data: PreparedData, split: str = "test") -> pd.DataFrame:
     """Image entries of one split of a prepared dataset (its original files)."""
-    prepared = Path(prepared)
-    manifest = pd.read_parquet(prepared / "manifest.parquet", columns=["path", "split"])
-    paths = manifest.loc[manifest["split"] == split, "path"].sort_values().to_numpy()
-    return pd.DataFrame({"path": paths, "container": str((prepared / "images").resolve())})
+    paths = data.rows(split)["path"].sort_values().to_numpy()
+    return pd.DataFrame({"path": paths, "container": str(data.images_dir.resolve())})
 
 
 def read_bytes(container: str, path: str, zf: zipfile.ZipFile | None = None) -> bytes:
@@ -156,14 +157,12 @@ class BatchPredictor:
         from pipeline.utils import set_quiet_env
 
         set_quiet_env()
-        mlflow.set_tracking_uri(tracking_uri)
+        setup_mlflow(uri=tracking_uri)
         self.predictor = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
         self.predictor.tta = tta
         self.version = version
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
-        from pipeline.registry import format_predictions
-
         errors = [str(e) or None for e in batch["error"]]
         ok = [i for i, e in enumerate(errors) if e is None]
         probs = self.predictor.predict_resized(batch["pixels"][ok])
@@ -173,58 +172,26 @@ class BatchPredictor:
         return preds
 
 
-def model_meta(model_uri: str) -> dict:
-    """Metadata (image size, class names) of a registered pyfunc, from its checkpoint.
-
-    Read from the file rather than by loading the pyfunc, which would put the
-    model's own copy of this package on the driver's import path.
-    """
-    import mlflow
-    import torch
-
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    checkpoints = sorted((local / "artifacts").rglob("*.pt"))
-    if not checkpoints:
-        raise ValueError(f"{model_uri} carries no checkpoint; was it logged by this pipeline?")
-    return torch.load(checkpoints[0], map_location="cpu", weights_only=True)["meta"]
-
-
-def predictions_schema(class_names: Sequence[str]) -> pa.Schema:
-    """The predictions table, declared before any batch exists.
-
-    Every batch is written against it, so a batch whose images all decoded (an
-    all-null ``error``) or all failed (all-null labels) cannot fix a column's type.
-    """
-    return pa.schema([
-        ("path", pa.string()),
-        ("predicted_label", pa.string()),
-        ("probability", pa.float64()),
-        *[(f"prob_{name}", pa.float64()) for name in class_names],
-        ("error", pa.string()),
-        ("model_version", pa.string()),
-    ])
-
-
 def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
-          prepared: str | Path | None = None,
-          group_of: Callable[[str], str] | None = None) -> ScoreResult:
+          prepared: str | Path | None = None, group_of: Callable[[str], str] | None = None,
+          patients: bool = False) -> ScoreResult:
     """Score ``cfg.input`` (a folder or zip) with ``model_uri``; write a Parquet table.
 
     With ``cfg.input`` empty, scores the test split of the ``prepared`` dataset.
-    With ``group_of`` (path -> patient id), also writes ``<output>_patients.parquet``.
+    With ``patients``, also writes ``<output>_patients.parquet``, grouped by
+    ``group_of`` (path -> patient id; None: the dataset has no patients, the table is empty).
     """
     import time
 
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.tracking import tracking_uri
-
+    uri = setup_mlflow()
     model = resolve_model(model_uri)
     if cfg.input:
         inputs, skipped = list_inputs(cfg.input)
     elif prepared is not None:
-        inputs, skipped = split_inputs(prepared), []
+        inputs, skipped = split_inputs(PreparedData(prepared)), []
     else:
         raise ValueError("set score.input to a folder or zip of images to score")
     if skipped:
@@ -239,7 +206,7 @@ def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
     ds = ds.map_batches(
         BatchPredictor,
         fn_constructor_kwargs={"model_uri": model.uri, "version": model.version,
-                               "tracking_uri": tracking_uri(), "tta": cfg.tta},
+                               "tracking_uri": uri, "tta": cfg.tta},
         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if cfg.use_gpu else None,
         compute=ActorPoolStrategy(size=cfg.concurrency),
@@ -251,7 +218,7 @@ def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
         raise RuntimeError(f"scored {n} rows for {len(inputs)} inputs; output not trusted")
     log.info("scored %d images with %s (v%s): %d errors, %.1f img/s -> %s",
              n, model.name or model.uri, model.version, n_err, rate, output)
-    if group_of is not None:
+    if patients:
         summary = patient_summary(pd.read_parquet(output), group_of, meta["class_names"])
         with atomic_path(patients_path(output)) as tmp:
             summary.to_parquet(tmp, index=False)
@@ -264,19 +231,20 @@ def patients_path(output: str | Path) -> Path:
     return output.with_name(f"{output.stem}_patients.parquet")
 
 
-def patient_summary(predictions: pd.DataFrame, group_of: Callable[[str], str],
+def patient_summary(predictions: pd.DataFrame, group_of: Callable[[str], str] | None,
                     class_names: Sequence[str]) -> pd.DataFrame:
     """Per patient: cells scored, cells that failed, and the share of each class among the
-    cells scored (one column per class of the model, whichever labels occur)."""
+    cells scored (one column per class of the model, whichever labels occur).
+    ``group_of`` None: no patients, an empty table."""
     def safe(path: str) -> str | None:
         try:
-            return group_of(path)
+            return group_of(path) if group_of is not None else None
         except ValueError:
             return None
 
     frame = predictions.assign(patient_id=predictions["path"].map(safe))
     unknown = int(frame["patient_id"].isna().sum())
-    if unknown:
+    if unknown and group_of is not None:
         log.warning("%d images have no patient id in their file name; left out of the summary", unknown)
     frame = frame.dropna(subset=["patient_id"])
     grouped = frame.groupby("patient_id")

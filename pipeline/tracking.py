@@ -1,4 +1,9 @@
-"""MLflow tracking location and run helpers shared by the stages."""
+"""MLflow tracking set-up: the one place that points MLflow at a store.
+
+Every module that talks to MLflow calls :func:`setup_mlflow` first (Ray
+workers and actors with the URI the driver resolved), so the location is
+decided here and nowhere else.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +22,13 @@ def tracking_uri() -> str:
     return uri
 
 
-def setup_mlflow(experiment: str) -> str:
-    """Point MLflow at :func:`tracking_uri` and select ``experiment``; return the URI."""
+def setup_mlflow(experiment: str | None = None, uri: str | None = None) -> str:
+    """Point MLflow at ``uri`` (default :func:`tracking_uri`) and select ``experiment``
+    if given; return the URI."""
     import mlflow
 
-    uri = tracking_uri()
+    uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
+    if experiment:
+        mlflow.set_experiment(experiment)
     return uri

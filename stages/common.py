@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from pipeline.config import ConfigError, Params, from_dict
 from pipeline.utils import set_quiet_env, setup_logging
 
-T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
 
 

@@ -10,7 +10,7 @@ from pipeline.download import DownloadError, download
 def main(output: str) -> None:
     params = load_params()
     try:
-        result = download(params.download.source(params.dataset), output,
+        result = download(params.download.sources[params.dataset], output,
                           params.download.timeout_s, params.download.chunk_bytes)
     except DownloadError as exc:
         raise SystemExit(f"download failed: {exc}") from None

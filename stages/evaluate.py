@@ -1,19 +1,19 @@
 """DVC stage `evaluate`: test-split metrics and plots, logged to the training run."""
 
-import json
 import sys
 from pathlib import Path
 
 from common import load_params
 
 from pipeline.evaluate import evaluate
+from pipeline.handoffs import TrainHandoff, read_handoff
 
 
 def main(model_dir: str, prepared: str, metrics: str, plots_dir: str, report: str) -> None:
     params = load_params()
-    run_id = json.loads((Path(model_dir) / "train.json").read_text())["run_id"]
+    trained = read_handoff(TrainHandoff, Path(model_dir) / "train.json")
     result = evaluate(params.evaluate, Path(model_dir) / "model.pt", prepared, metrics, plots_dir,
-                      report, run_id=run_id)
+                      report, run_id=trained.run_id)
     print({k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})
     print(f"report: {result.report}")
 

@@ -7,13 +7,14 @@ from pathlib import Path
 from common import load_params
 
 from pipeline.prepare import prepare
+from pipeline.prepared import DATA_CARD
 
 
 def main(archive: str, out_dir: str, card: str) -> None:
     params = load_params()
     result = prepare(archive, out_dir, params.prepare, params.dataset)
     Path(card).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(out_dir) / "data_card.md", card)
+    shutil.copyfile(Path(out_dir) / DATA_CARD, card)
     counts = result.manifest.groupby("split").agg(images=("path", "size"),
                                                   patients=("patient_id", "nunique"))
     print(counts.to_string())

@@ -6,19 +6,18 @@ from pathlib import Path
 
 from common import load_params, model_name
 
-from pipeline.config import to_dict
+from pipeline.handoffs import RegisterHandoff, TrainHandoff, read_handoff, write_handoff
 from pipeline.registry import register
-from pipeline.utils import write_json
 
 
 def main(model_dir: str, metrics: str, prepared: str, output: str) -> None:
     params = load_params()
-    model_uri = json.loads((Path(model_dir) / "train.json").read_text())["model_uri"]
+    trained = read_handoff(TrainHandoff, Path(model_dir) / "train.json")
     test_metrics = json.loads(Path(metrics).read_text())
-    result = register(params.register, model_name(params), model_uri, test_metrics, prepared,
-                      params.evaluate.positive_class, experiment=params.dataset,
-                      params=to_dict(params))
-    write_json(output, {**vars(result), "summary": result.summary()})
+    result = register(params.register, model_name(params), trained.model_uri, test_metrics, prepared,
+                      params.evaluate.positive_class, experiment=params.dataset)
+    write_handoff(RegisterHandoff(alias=params.register.alias, summary=result.summary(),
+                                  **vars(result)), output)
     print(result.summary())
 
 

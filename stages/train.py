@@ -7,6 +7,7 @@ import yaml
 
 from common import load_params
 
+from pipeline.handoffs import TrainHandoff, write_handoff
 from pipeline.train import train
 from pipeline.utils import atomic_path, write_json
 
@@ -14,10 +15,10 @@ from pipeline.utils import atomic_path, write_json
 def main(prepared: str, policy: str, model_dir: str, metrics: str, history: str) -> None:
     params = load_params()
     result = train(params.train, yaml.safe_load(Path(policy).read_text()), prepared, model_dir,
-                   experiment=params.dataset, positive_class=params.evaluate.positive_class,
+                   experiment=params.dataset,
                    extra_params={"dataset": params.dataset, "prepare": vars(params.prepare),
                                  "augment": vars(params.augment)})
-    write_json(Path(model_dir) / "train.json", {"run_id": result.run_id, "model_uri": result.model_uri})
+    write_handoff(TrainHandoff(result.run_id, result.model_uri), Path(model_dir) / "train.json")
     last = result.history.iloc[-1]
     write_json(metrics, {"best_epoch": result.best_epoch, "train_loss": last["train_loss"],
                          "val_loss": last["val_loss"], "val_acc": last["val_acc"]})

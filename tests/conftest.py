@@ -120,8 +120,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     info = model_info("baseline_cnn")
-    meta = ModelMeta("baseline_cnn", ("Parasitized", "Uninfected"), 32, info.mean, info.std,
-                     "Parasitized")
+    meta = ModelMeta("baseline_cnn", ("Parasitized", "Uninfected"), 32, info.mean, info.std)
     save_checkpoint(path, create_model("baseline_cnn", 2, pretrained=False), meta)
     return path
 
@@ -132,7 +131,7 @@ def model_uris(tracking_uri, checkpoint):
     import mlflow
     import numpy as np
 
-    from pipeline.registry import log_pyfunc
+    from pipeline.serving import log_model
     from pipeline.synthetic import synthetic_cell
 
     mlflow.set_experiment("tests")
@@ -140,6 +139,6 @@ def model_uris(tracking_uri, checkpoint):
 
     def log() -> str:
         with mlflow.start_run():
-            return log_pyfunc(checkpoint, example)
+            return log_model(checkpoint, example)
 
     return log

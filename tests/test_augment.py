@@ -8,11 +8,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline.augment import (PRESETS, apply, build_train_transform, load_policy, policy, preview,
+from pipeline.augment import (PRESETS, build_train_transform, load_policy, policy,
                               resolve_preset, save_policy, tta_views)
 from pipeline.config import AugmentConfig
 from pipeline.synthetic import synthetic_cell
-from pipeline.train import ArrayDataset
+from pipeline.engine import ArrayDataset
 
 FAMILIES = sorted(PRESETS["strong"])
 
@@ -47,7 +47,8 @@ def test_presets():
 def test_none_is_identity_and_batches_keep_shape():
     img = _image()
     assert np.array_equal(build_train_transform(AugmentConfig(preset="none"))(image=img)["image"], img)
-    out = apply(build_train_transform(AugmentConfig()), np.stack([img, img]))
+    transform = build_train_transform(AugmentConfig())
+    out = np.stack([transform(image=i)["image"] for i in (img, img)])
     assert out.shape == (2, 64, 64, 3) and out.dtype == np.uint8
 
 
@@ -67,7 +68,10 @@ def test_saved_policy_loads_back_identically_and_seeded(tmp_path):
 
 
 def test_preview_grid(tmp_path):
-    out = preview(build_train_transform(AugmentConfig()), np.stack([_image()] * 2), tmp_path / "p.png")
+    from pipeline.plots import augmentation_preview
+
+    out = augmentation_preview(build_train_transform(AugmentConfig()), np.stack([_image()] * 2),
+                               tmp_path / "p.png")
     assert out.stat().st_size > 1000
 
 

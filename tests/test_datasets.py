@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.config import PrepareConfig
 from pipeline.datasets import DATASETS, get_dataset
-from pipeline.prepare import load_split, prepare
+from pipeline.prepare import prepare
+from pipeline.prepared import PreparedData
 from pipeline.synthetic import make_imagefolder_zip, make_medmnist_npz, png_bytes, synthetic_cell
 
 
@@ -34,7 +35,8 @@ def test_medmnist_npz_keeps_the_official_split(tmp_path, grey):
     counts = result.manifest["split"].value_counts().to_dict()
     assert counts == {"train": 80, "val": 16, "test": 24}
     names = get_dataset("bloodmnist").class_names
-    images, labels, classes = load_split(tmp_path / "prepared", "test")
+    data = PreparedData(tmp_path / "prepared")
+    images, labels, classes = data.split("test").images, data.split("test").labels, data.class_names
     assert images.shape == (24, 32, 32, 3)
     assert sorted(np.array(classes)[labels]) == sorted(np.array(names)[official["test"]])
     first = result.manifest[result.manifest["split"] == "test"].iloc[0]

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from pipeline.config import PrepareConfig
-from pipeline.prepare import UnsafeArchiveError, load_split, prepare, safe_member_path
+from pipeline.prepare import UnsafeArchiveError, prepare, safe_member_path
+from pipeline.prepared import PreparedData
 from pipeline.synthetic import png_bytes, synthetic_cell
 
 
@@ -52,7 +53,8 @@ def test_manifest_columns_and_arrays_agree(prepared_synthetic):
     assert (prepared_synthetic / "images" / manifest["path"][0]).is_file()
     total = 0
     for split in ("train", "val", "test"):
-        images, labels, classes = load_split(prepared_synthetic, split)
+        data = PreparedData(prepared_synthetic)
+        images, labels, classes = data.split(split).images, data.split(split).labels, data.class_names
         assert images.shape[1:] == (32, 32, 3) and images.dtype == np.uint8
         assert len(images) == len(labels) == (manifest["split"] == split).sum()
         assert classes == ["Parasitized", "Uninfected"]

@@ -48,7 +48,7 @@ def test_dvc_repro_runs_every_stage_on_the_real_sample(sample_zip, tmp_path):
     registered = json.loads((project / "models/register.json").read_text())
     assert registered["promoted"] and registered["version"] == "1"
     tags = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version("malaria", "1").tags
-    assert {"dataset_id", "git_commit", "params", "split_id", "test_roc_auc"} <= set(tags)
+    assert {"dataset_id", "git_commit", "run_id", "split_id", "test_roc_auc"} <= set(tags)
     scores = pd.read_parquet(project / "data/scores/predictions.parquet")
     assert len(scores) == metrics["n"] and scores["error"].isna().all()
     assert set(scores["path"]) == set(manifest.loc[manifest["split"] == "test", "path"])

@@ -144,7 +144,7 @@ CLASSES = ("Parasitized", "Uninfected")
 
 def _batch(paths: list[str], failed: set[str]) -> pd.DataFrame:
     """A prediction batch as the scoring actor returns it (format_predictions + path/version)."""
-    from pipeline.registry import format_predictions
+    from pipeline.serving import format_predictions
 
     errors = ["cannot read file: gone" if p in failed else None for p in paths]
     ok = [i for i, e in enumerate(errors) if e is None]
@@ -168,7 +168,8 @@ WRITER_ORDERS = {
 
 @pytest.mark.parametrize("order", list(WRITER_ORDERS))
 def test_writer_takes_batches_in_any_order(order, tmp_path):
-    from pipeline.score import predictions_schema, write_predictions
+    from pipeline.score import write_predictions
+    from pipeline.serving import predictions_schema
 
     batches = [_batch(paths, failed) for paths, failed in WRITER_ORDERS[order]]
     out = tmp_path / "p.parquet"
@@ -191,7 +192,8 @@ def test_writer_takes_batches_in_any_order(order, tmp_path):
 
 
 def test_writer_leaves_no_output_when_a_batch_fails(tmp_path):
-    from pipeline.score import predictions_schema, write_predictions
+    from pipeline.score import write_predictions
+    from pipeline.serving import predictions_schema
 
     def batches():
         yield _batch(["a"], set())

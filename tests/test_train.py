@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.augment import policy
 from pipeline.config import AugmentConfig, TrainConfig
-from pipeline.train import RunStore, train
+from pipeline.train import train
 
 pytestmark = pytest.mark.slow
 POLICY = policy(AugmentConfig(), 40)
@@ -132,17 +132,3 @@ def test_same_params_and_seed_give_the_same_validation_metrics(prepared_medium, 
     b = train(cfg, POLICY, prepared_medium, tmp_path / "b", "tests-repeat")
     assert a.history["val_loss"].iloc[-1] == pytest.approx(b.history["val_loss"].iloc[-1], abs=1e-4)
     assert a.history["val_acc"].iloc[-1] == pytest.approx(b.history["val_acc"].iloc[-1], abs=1e-3)
-
-
-@pytest.mark.parametrize("storage", ["ray-runs", "file://{tmp}/ray-runs"])
-def test_run_store_reads_writes_and_deletes_on_paths_and_uris(tmp_path, monkeypatch, storage):
-    monkeypatch.chdir(tmp_path)
-    store = RunStore.at(storage.format(tmp=tmp_path), "lite0-abc")
-    assert store.storage.endswith("ray-runs") and ("://" in store.storage or store.storage.startswith("/"))
-    assert store.read("mlflow_run_id.txt") is None
-    store.write("mlflow_run_id.txt", "run-1")
-    assert (tmp_path / "ray-runs/lite0-abc/mlflow_run_id.txt").read_text() == "run-1"
-    assert store.read("mlflow_run_id.txt") == "run-1"
-    store.delete()
-    assert not (tmp_path / "ray-runs/lite0-abc").exists()
-    store.delete()  # nothing left: no error

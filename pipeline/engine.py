@@ -1,0 +1,114 @@
+"""One epoch of training or evaluation in plain PyTorch: the dataset, the batch
+collation and the per-epoch passes that every Ray Train worker runs.
+
+Nothing here knows about Ray: the same functions drive a plain loop (the
+benchmarks' baseline). Under DDP the epoch totals are summed over workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+
+from pipeline.inference import ModelMeta, to_tensor
+from pipeline.regimes import train_mode
+
+
+class ArrayDataset(Dataset):
+    """uint8 images + integer labels, augmented per item with Albumentations."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        img = np.asarray(self.images[i])
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        return img, int(self.labels[i])
+
+
+def collate(batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack uint8 images (normalised later, on the device) and labels."""
+    images = torch.from_numpy(np.stack([b[0] for b in batch]))
+    return images, torch.tensor([b[1] for b in batch])
+
+
+@dataclass
+class EpochContext:
+    """What every epoch of one worker needs, built once."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    meta: ModelMeta
+    device: torch.device
+    channels_last: bool
+    scaler: torch.amp.GradScaler | None  # CUDA mixed precision only
+    rank: int
+
+
+def forward_batch(ctx: EpochContext, images: torch.Tensor, labels: torch.Tensor):
+    """Logits and loss of one batch (autocast on CUDA with AMP)."""
+    x = to_tensor(images, ctx.meta, ctx.device, ctx.channels_last)
+    labels = labels.to(ctx.device)
+    with torch.autocast(ctx.device.type, enabled=ctx.scaler is not None):
+        logits = ctx.model(x)
+        loss = ctx.loss_fn(logits.float(), labels)
+    return logits, loss, labels
+
+
+def _batch_totals(ctx: EpochContext, logits, loss, labels) -> torch.Tensor:
+    """Loss sum, correct count and count of one batch."""
+    return torch.tensor([loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(),
+                         len(labels)], dtype=torch.float64, device=ctx.device)
+
+
+def _all_workers(totals: torch.Tensor) -> tuple[float, float, int]:
+    """Mean loss, accuracy and count over every worker's totals."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    return loss_sum / max(count, 1), correct / max(count, 1), int(count)
+
+
+def train_one_epoch(ctx: EpochContext, loader, optimizer: torch.optim.Optimizer,
+                    epoch: int) -> tuple[float, float, int]:
+    """One training pass; mean loss, accuracy and images seen over all workers."""
+    from tqdm.auto import tqdm
+
+    train_mode(ctx.model)
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    for images, labels in tqdm(loader, desc=f"epoch {epoch + 1} train", disable=ctx.rank != 0,
+                               mininterval=10):
+        logits, loss, labels = forward_batch(ctx, images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if ctx.scaler is not None:
+            ctx.scaler.scale(loss).backward()
+            ctx.scaler.step(optimizer)
+            ctx.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        totals += _batch_totals(ctx, logits, loss, labels)
+    return _all_workers(totals)
+
+
+@torch.no_grad()
+def evaluate_epoch(ctx: EpochContext, loader, epoch: int) -> tuple[float, float]:
+    """One validation pass; mean loss and accuracy over all workers."""
+    from tqdm.auto import tqdm
+
+    ctx.model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    for images, labels in tqdm(loader, desc=f"epoch {epoch + 1} val", disable=ctx.rank != 0,
+                               mininterval=10):
+        totals += _batch_totals(ctx, *forward_batch(ctx, images, labels))
+    loss, acc, _ = _all_workers(totals)
+    return loss, acc

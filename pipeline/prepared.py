@@ -1,0 +1,114 @@
+"""The prepared-data layout: the one reader of the folder ``prepare`` writes.
+
+Layout (one DVC output)::
+
+    manifest.parquet      path, label, patient_id, split, width, height, sha256, index
+    {train,val,test}.npy  uint8 arrays (N, S, S, 3) of images resized to S, row
+                          ``index`` of the manifest; read with mmap, no decoding
+    images/               the original files, for scoring and inspection
+    quarantine/           files that failed to decode, with quarantine.csv
+    report.json           counts of kept, skipped and quarantined files
+    data_card.md          the same, for people
+
+``prepare`` writes it (using the names below); every other module reads it
+through :class:`PreparedData`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.split import SPLITS
+
+__all__ = ["SPLITS", "PreparedData", "Split"]
+
+MANIFEST = "manifest.parquet"
+IMAGES_DIR = "images"
+QUARANTINE_DIR = "quarantine"
+REPORT = "report.json"
+DATA_CARD = "data_card.md"
+
+
+def array_file(split: str) -> str:
+    """File name of one split's resized image array."""
+    return f"{split}.npy"
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: images (memory-mapped), integer labels, patient ids and original paths,
+    all in array order."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
+    paths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class PreparedData:
+    """Read-only view of a prepared folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not (self.root / MANIFEST).is_file():
+            raise FileNotFoundError(f"{self.root} is not a prepared dataset (no {MANIFEST}); "
+                                    "run the prepare stage first (dvc repro prepare)")
+
+    @cached_property
+    def manifest(self) -> pd.DataFrame:
+        """One row per kept image."""
+        return pd.read_parquet(self.root / MANIFEST)
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        """Sorted class names; a label's integer is its position here."""
+        return sorted(self.manifest["label"].unique())
+
+    @property
+    def image_size(self) -> int:
+        """Side of the resized images."""
+        return int(self.split("train").images.shape[1])
+
+    @property
+    def images_dir(self) -> Path:
+        """Folder of the original files; a manifest ``path`` is relative to it."""
+        return self.root / IMAGES_DIR
+
+    @cached_property
+    def report(self) -> dict[str, Any]:
+        """``report.json``: counts of kept, skipped and quarantined files."""
+        return json.loads((self.root / REPORT).read_text())
+
+    def rows(self, split: str) -> pd.DataFrame:
+        """Manifest rows of ``split`` in array order."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split '{split}'; known: {list(SPLITS)}")
+        return self.manifest[self.manifest["split"] == split].sort_values("index")
+
+    def split(self, split: str) -> Split:
+        """Images, labels, patient ids and original paths of one split."""
+        rows = self.rows(split)
+        images = np.load(self.root / array_file(split), mmap_mode="r")
+        labels = rows["label"].map({c: i for i, c in enumerate(self.class_names)}).to_numpy(np.int64)
+        return Split(split, images, labels, rows["patient_id"].to_numpy(), rows["path"].to_numpy())
+
+    def split_id(self, split: str) -> str:
+        """Content hash of a split's images: equal ids mean the same images."""
+        hashes = sorted(self.manifest.loc[self.manifest["split"] == split, "sha256"])
+        return hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:16]
+
+    def dataset_id(self) -> str:
+        """The split ids of train, val and test, joined."""
+        return "-".join(self.split_id(s) for s in SPLITS)
