@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import functools
 import time
 from pathlib import Path
 
-from pipeline.utils import set_quiet_env, setup_logging
+from pipeline.utils import DEBUG_ENV, run_cli, set_quiet_env, setup_logging
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -97,64 +97,85 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="train every transfer-learning regime; write the table")
     p.add_argument("table", choices=["regimes"], help="which table")
     p.add_argument("--prepared", default="data/prepared", help="output of the prepare stage")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--out", default="docs/regimes.md")
-    p.add_argument("--work-dir", default="data/regimes")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="epochs per regime")
+    p.add_argument("--out", default="docs/regimes.md", help="the markdown table")
+    p.add_argument("--work-dir", default="data/regimes", help="where each regime's model goes")
     p.set_defaults(func=report_cmd)
 
 
 def _add_benchmark(sub) -> None:
     p = sub.add_parser("benchmark", help="throughput: score() vs forward pass, augmentation vs step")
-    p.add_argument("what", choices=["scoring", "augment"])
-    p.add_argument("--prepared", default="data/prepared")
+    p.add_argument("what", choices=["scoring", "augment"], help="which comparison")
+    p.add_argument("--prepared", default="data/prepared", help="output of the prepare stage")
     p.add_argument("--preset", default="strong", help="augment: the augmentation preset")
     p.add_argument("--model", default="models:/malaria@champion", help="scoring: the model")
     p.add_argument("--images", type=int, default=20000, help="scoring: images to score")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64, help="scoring: images per batch")
+    p.add_argument("--concurrency", type=int, default=1, help="scoring: actors and threads")
     p.set_defaults(func=benchmark_cmd)
 
 
-def main(argv: list[str] | None = None) -> None:
-    set_quiet_env()
-    setup_logging()
-    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_demo_and_synth(sub) -> None:
     p = sub.add_parser("demo", help="run every stage on synthetic cell images (offline)")
-    p.add_argument("--dir", default="demo", help="demo project folder (default: demo)")
-    p.add_argument("--patients", type=int, default=24)
+    p.add_argument("--dir", default="demo", help="demo project folder")
+    p.add_argument("--patients", type=int, default=24, help="synthetic patients")
     p.add_argument("--cells", type=int, default=40, help="cells per patient")
-    p.add_argument("--image-size", type=int, default=48)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=48, help="pixels a side for training")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs")
     p.set_defaults(func=demo)
     p = sub.add_parser("synth", help="write a synthetic cell-image zip")
-    p.add_argument("output")
-    p.add_argument("--patients", type=int, default=12)
-    p.add_argument("--cells", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--corrupt", type=int, default=0)
+    p.add_argument("output", help="the zip to write")
+    p.add_argument("--patients", type=int, default=12, help="synthetic patients")
+    p.add_argument("--cells", type=int, default=20, help="cells per patient")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--corrupt", type=int, default=0, help="corrupt PNGs to include")
     p.set_defaults(func=synth)
+
+
+def _add_score_and_rollback(sub) -> None:
     p = sub.add_parser("score", help="batch-score images with a registered model (Ray Data)")
     p.add_argument("--model", required=True, help="e.g. models:/malaria@champion")
     p.add_argument("--input", required=True,
                    help="folder, .zip, glob ('cells/*.png') or .csv/.parquet with a 'path' column")
     p.add_argument("--output", required=True, help="predictions .parquet")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--concurrency", type=int, default=1, help="predictor actors")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs each actor reserves")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--tta", action="store_true", help="average over 8 flips/rotations")
     p.set_defaults(func=score_cmd)
     p = sub.add_parser("rollback", help="move the champion alias back")
     p.add_argument("--name", required=True, help="registered model name")
-    p.add_argument("--alias", default="champion")
+    p.add_argument("--alias", default="champion", help="the alias to move")
     p.add_argument("--to", default=None, help="version (default: the previous champion)")
     p.set_defaults(func=rollback_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pipeline`` command and its subcommands (defaults shown in every ``--help``)."""
+    from importlib.metadata import version
+
+    parser = argparse.ArgumentParser(
+        prog="pipeline", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"{DEBUG_ENV}=1 shows the traceback of an error.")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {version('malaria-pipeline')}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser,
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_demo_and_synth(sub)
+    _add_score_and_rollback(sub)
     _add_report(sub)
     _add_benchmark(sub)
-    args = parser.parse_args(argv)
-    args.func(args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    set_quiet_env()
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    run_cli(lambda: args.func(args))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

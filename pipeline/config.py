@@ -8,16 +8,51 @@ is an error that names the key rather than a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 T = TypeVar("T")
 
+# The allowed values of every enum-like param; the modules that implement them use these.
+REGIMES = ("scratch", "feature_extract", "finetune_top", "finetune_all")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "step", "constant")
+AUGMENT_PRESETS = ("custom", "none", "light", "strong")
+PROBABILITY = (0.0, 1.0)
 
-class ConfigError(ValueError):
-    """A parameter is unknown, missing or of the wrong type."""
+
+class UserError(Exception):
+    """Something the user fixes (a file, a param, a network setting), not a bug: command
+    lines print its message as one line."""
+
+
+class ConfigError(UserError, ValueError):
+    """A parameter is unknown, missing, of the wrong type or out of range."""
+
+
+class Checked:
+    """Checks a config section at construction: ``CHOICES`` (key -> allowed values, or a
+    callable returning them) and ``RANGES`` (key -> (low, high), inclusive; None = open)."""
+
+    SECTION: ClassVar[str] = ""
+    CHOICES: ClassVar[dict[str, tuple[str, ...] | Callable[[], tuple[str, ...]]]] = {}
+    RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
+
+    def __post_init__(self) -> None:
+        for key, allowed in self.CHOICES.items():
+            allowed = allowed() if callable(allowed) else allowed
+            if getattr(self, key) not in allowed:
+                shown = ", ".join(allowed[:12]) + (f", ... ({len(allowed)} in all)" if len(allowed) > 12 else "")
+                raise ConfigError(f"{self.SECTION}.{key}: {getattr(self, key)!r} is not one of {shown}")
+        for key, (low, high) in self.RANGES.items():
+            value = getattr(self, key)
+            if not math.isfinite(value) or (low is not None and value < low) or \
+                    (high is not None and value > high):
+                span = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+                raise ConfigError(f"{self.SECTION}.{key}: {value!r} is outside {span}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
@@ -98,8 +133,11 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
-class DownloadConfig:
+class DownloadConfig(Checked):
     """The source of every dataset, keyed by dataset name, and transfer settings."""
+
+    SECTION = "download"
+    RANGES = {"timeout_s": (1e-3, None), "chunk_bytes": (1, None)}
 
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     timeout_s: float = 20.0
@@ -107,8 +145,12 @@ class DownloadConfig:
 
 
 @dataclass(frozen=True)
-class PrepareConfig:
+class PrepareConfig(Checked):
     """Extraction, validation, split and resizing of the raw archive."""
+
+    SECTION = "prepare"
+    RANGES = {"image_size": (8, 4096), "val_ratio": (0.0, 0.95), "test_ratio": (0.0, 0.95),
+              "max_images": (0, None)}
 
     image_size: int = 96
     val_ratio: float = 0.15
@@ -118,10 +160,24 @@ class PrepareConfig:
     groups_csv: str = ""  # imagefolder: CSV of path,group for grouped splits
     drop_duplicates: bool = False  # drop identical images that recur in a later split
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.val_ratio + self.test_ratio >= 1:
+            raise ConfigError(f"prepare.val_ratio + prepare.test_ratio must be < 1 (training needs "
+                              f"patients), got {self.val_ratio} + {self.test_ratio}")
+
 
 @dataclass(frozen=True)
-class AugmentConfig:
+class AugmentConfig(Checked):
     """Albumentations policy for training images: a preset, or each family's probability."""
+
+    SECTION = "augment"
+    CHOICES = {"preset": AUGMENT_PRESETS}
+    RANGES = {**{k: PROBABILITY for k in ("hflip", "vflip", "rotate90", "rotate", "affine",
+                                          "resized_crop", "hue_saturation", "brightness_contrast",
+                                          "gamma", "gauss_noise", "blur", "stain")},
+              "rotate_limit": (0.0, 180.0), "scale_limit": (0.0, 0.99), "shift_limit": (0.0, 0.99),
+              "crop_scale_min": (0.01, 1.0), "brightness_limit": (0.0, 1.0), "contrast_limit": (0.0, 1.0)}
 
     preset: str = "custom"  # custom (the probabilities below) | none | light | strong
     hflip: float = 0.5
@@ -144,9 +200,30 @@ class AugmentConfig:
     stain: float = 0.0  # H&E / Giemsa-style stain variation (Albumentations HEStain)
 
 
+# The models pipeline/models.py builds itself; any torchvision classifier works too.
+CUSTOM_MODELS = ("baseline_cnn", "efficientnet_lite0")
+
+
+def known_models() -> tuple[str, ...]:
+    """Every model name ``train.model`` accepts."""
+    import torchvision
+
+    return (*CUSTOM_MODELS, *torchvision.models.list_models(module=torchvision.models))
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Checked):
     """Model, optimisation and Ray Train scaling settings."""
+
+    SECTION = "train"
+    CHOICES = {"regime": REGIMES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
+               "model": known_models}
+    RANGES = {"top_blocks": (0, None), "backbone_lr_factor": (0.0, None), "epochs": (1, None),
+              "batch_size": (1, None), "lr": (1e-12, None), "momentum": (0.0, 0.999),
+              "weight_decay": (0.0, None), "warmup_epochs": (0, None), "step_size": (1, None),
+              "gamma": (1e-6, 1.0), "label_smoothing": (0.0, 0.99),
+              "early_stopping_patience": (0, None), "num_workers": (1, None),
+              "cpus_per_worker": (0.01, None), "max_failures": (-1, None)}
 
     model: str = "efficientnet_lite0"
     pretrained: bool = True
@@ -178,8 +255,13 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Checked):
     """Test-split evaluation settings."""
+
+    SECTION = "evaluate"
+    RANGES = {"batch_size": (1, None), "target_sensitivity": (1e-6, 1.0),
+              "patient_threshold": PROBABILITY, "bootstrap": (1, None), "ci_level": (0.5, 0.999),
+              "gradcam_images": (0, None)}
 
     batch_size: int = 256
     tta: bool = False  # mean probability over the 8 flips/rotations
@@ -193,8 +275,11 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
-class RegisterConfig:
+class RegisterConfig(Checked):
     """Model Registry settings and the champion rule."""
+
+    SECTION = "register"
+    RANGES = {"margin": (0.0, 1.0)}
 
     model_name: str = ""  # empty = the dataset's name
     metric: str = "roc_auc"
@@ -203,8 +288,11 @@ class RegisterConfig:
 
 
 @dataclass(frozen=True)
-class ScoreConfig:
+class ScoreConfig(Checked):
     """Ray Data batch scoring settings."""
+
+    SECTION = "score"
+    RANGES = {"batch_size": (1, None), "concurrency": (1, None), "cpus_per_actor": (0.01, None)}
 
     input: str = ""  # folder or zip; empty = the test split of the manifest
     model_uri: str = ""  # empty = models:/<register.model_name>@champion
@@ -229,6 +317,9 @@ class Params:
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def __post_init__(self) -> None:
+        # Every dataset of pipeline/datasets.py has its source here, so this also
+        # refuses an unknown dataset name, listing the known ones.
         if self.dataset not in self.download.sources:
-            raise ConfigError(f"no download.sources.{self.dataset}: add its url (and sha256 or md5) "
-                              f"to params.yaml; datasets with a source: {sorted(self.download.sources)}")
+            raise ConfigError(f"dataset: no download.sources.{self.dataset} in params.yaml; datasets "
+                              f"with a source: {', '.join(sorted(self.download.sources))} (a new one "
+                              "needs an entry in pipeline/datasets.py and its source)")

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pipeline.config import SourceConfig
+from pipeline.config import SourceConfig, UserError
 
 log = logging.getLogger(__name__)
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """The archive could not be fetched or failed verification."""
 
 

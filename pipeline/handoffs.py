@@ -40,6 +40,8 @@ class RegisterHandoff:
     champion_before: str | None
     champion_value: float | None
     promoted: bool
+    basis: str  # what both figures were measured on
+    refused: str | None  # why there was no fair comparison, if there was none
     summary: str
 
     def alias_uri(self) -> str:

@@ -46,7 +46,10 @@ def load_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                 return to_rgb_array(img)
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"not a readable image: no image format (PNG, JPEG, TIFF, BMP, ...) "
+                               f"recognised in its first bytes {data[:8]!r}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"not a readable image: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise ImageDecodeError(f"corrupt image data: {exc}") from None

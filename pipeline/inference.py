@@ -75,20 +75,23 @@ class Predictor:
         return cls(model, meta, **kwargs)
 
     @torch.inference_mode()
-    def predict_resized(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities ``NxK`` for images already at ``meta.image_size``."""
+    def predict_resized(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        """Probabilities ``NxK`` for images already at ``meta.image_size``
+        (``tta`` None: the predictor's own setting)."""
+        tta = self.tta if tta is None else tta
         out = []
         for start in range(0, len(images), self.batch_size):
             batch = np.asarray(images[start:start + self.batch_size])
-            views = tta_views(batch) if self.tta else [batch]
+            views = tta_views(batch) if tta else [batch]
             probs = sum(torch.softmax(self.model(to_tensor(v, self.meta, self.device)), 1)
                         for v in views) / len(views)
             out.append(probs.float().cpu().numpy())
         k = len(self.meta.class_names)
         return np.concatenate(out) if out else np.zeros((0, k), np.float32)
 
-    def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def predict(self, images: Sequence[np.ndarray], tta: bool | None = None) -> np.ndarray:
         """Probabilities ``NxK`` for RGB images of any size (resized like training)."""
+        if not len(images):
+            return np.zeros((0, len(self.meta.class_names)), np.float32)
         size = self.meta.image_size
-        return self.predict_resized(np.stack([resize(img, size) for img in images])) if len(images) else \
-            np.zeros((0, len(self.meta.class_names)), np.float32)
+        return self.predict_resized(np.stack([resize(img, size) for img in images]), tta)

@@ -9,10 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import TrainConfig
-
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULERS = ("cosine", "step", "constant")
+from pipeline.config import OPTIMIZERS, SCHEDULERS, TrainConfig
 
 
 def build_optimizer(cfg: TrainConfig, param_groups: list[dict]) -> torch.optim.Optimizer:

@@ -59,6 +59,9 @@ def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig, datase
     leaves no half-written output.
     """
     spec = get_dataset(dataset)
+    if not Path(archive).is_file():
+        raise FileNotFoundError(f"archive {archive} not found: run the download stage first "
+                                "(dvc repro download)")
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-REGIMES = ("scratch", "feature_extract", "finetune_top", "finetune_all")
+from pipeline.config import REGIMES
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 
 

@@ -7,21 +7,31 @@ The model itself (what it accepts, how it is logged) lives in
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
+import numpy as np
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import RegisterConfig
 from pipeline.metrics import is_better
 from pipeline.prepared import PreparedData
-from pipeline.serving import metrics_on_split
+from pipeline.serving import CONTRACT, metrics_on_split
 from pipeline.tracking import setup_mlflow
 
 log = logging.getLogger(__name__)
+
+
+TRAIN_GROUPS_ARTIFACT = "registry/train_groups.json"
+
+
+class ComparisonRefused(Exception):
+    """The new model and the champion have no fair ground to be compared on."""
 
 
 @dataclass(frozen=True)
@@ -29,20 +39,25 @@ class RegisterResult:
     name: str
     version: str
     metric: str
-    value: float
+    value: float  # the new model's figure on ``basis``
     champion_before: str | None
-    champion_value: float | None
+    champion_value: float | None  # the champion's figure on ``basis``
     promoted: bool
+    basis: str = "the test split"  # what both figures were measured on
+    refused: str | None = None  # why there was no comparison, if there was none
 
     def summary(self) -> str:
         """One sentence for the stage log: what happened and why."""
         if self.champion_before is None:
             return f"{self.name} v{self.version} is the first model: alias set ({self.metric}={self.value:.4f})"
+        if self.refused:
+            return (f"{self.name} v{self.version} stays without the alias: no fair comparison with "
+                    f"champion v{self.champion_before}: {self.refused}")
         verdict = "beats" if self.promoted else "does not beat"
         what = "takes the alias" if self.promoted else "stays without the alias"
         return (f"{self.name} v{self.version} ({self.metric}={self.value:.4f}) {verdict} champion "
-                f"v{self.champion_before} ({self.metric}={self.champion_value:.4f}) on the same test "
-                f"split: it {what}")
+                f"v{self.champion_before} ({self.metric}={self.champion_value:.4f}) on {self.basis}: "
+                f"it {what}")
 
 
 def register(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[str, Any],
@@ -50,15 +65,81 @@ def register(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[
              experiment: str | None = None) -> RegisterResult:
     """Register the run's model; move ``cfg.alias`` to it only if it beats the champion.
 
-    The champion's figure is its tag when it was measured on the same test split
-    as this model; otherwise the champion is re-scored on this test split, so the
-    comparison is always like for like.
+    The comparison is always like for like and never on patients either model
+    trained on: on the same test split, the champion's recorded figure; otherwise
+    both models are scored on the test patients the champion did not train on
+    (the new model trained on none of them), or the comparison is refused.
     """
     setup_mlflow(experiment)
     data = PreparedData(prepared)
-    return promote(cfg, name, model_uri, test_metrics, data.split_id("test"),
-                   lambda uri: metrics_on_split(uri, data, "test", positive_class),
-                   provenance(data, test_metrics))
+    groups = training_groups(data)
+    test_groups = set(data.split("test").groups)
+
+    def compare_on_unseen(champion) -> tuple[float, float, str]:
+        unseen = sorted(test_groups - champion_training_groups(champion))
+        if not unseen:
+            raise ComparisonRefused(
+                f"it trained on all {len(test_groups)} patients of this test split (the split moved or "
+                "the data grew). Compare on new patients, or move the alias deliberately with "
+                f"`pipeline rollback --name {name} --to <version>`")
+        new = metrics_on_split(model_uri, data, "test", positive_class, unseen)[cfg.metric]
+        old = metrics_on_split(f"models:/{champion.name}/{champion.version}", data, "test",
+                               positive_class, unseen)[cfg.metric]
+        if not (np.isfinite(new) and np.isfinite(old)):
+            raise ComparisonRefused(f"{cfg.metric} is undefined on the {len(unseen)} test patients "
+                                    "it did not train on (one class only)")
+        return new, old, f"{len(unseen)} test patients neither model trained on"
+
+    tags = {**provenance(data, test_metrics), "train_groups_sha256": groups_digest(groups)}
+    result = promote(cfg, name, model_uri, test_metrics, data.split_id("test"), compare_on_unseen, tags)
+    client = mlflow.MlflowClient()
+    client.log_dict(result_run_id(name, result.version), {"groups": groups}, TRAIN_GROUPS_ARTIFACT)
+    client.update_registered_model(name, description=model_description(data.class_names, cfg))
+    return result
+
+
+def model_description(class_names: list[str], cfg: RegisterConfig) -> str:
+    """The registered model's description: what it classifies, its input contract, the rule."""
+    return (f"Classifies single-cell image crops as one of: {', '.join(class_names)}.\n\n"
+            f"## Input contract\n\n{CONTRACT}\n"
+            f"## Champion rule\n\nThe alias `{cfg.alias}` moves to a new version only when its test "
+            f"`{cfg.metric}` beats the champion's by more than {cfg.margin}, measured on the same "
+            "test split, or else on test patients neither model trained on; each version's "
+            "`promotion` tag says why it did or did not move.\n")
+
+
+def training_groups(data: PreparedData) -> list[str]:
+    """The patients (groups) a model trained on: those of the train and validation splits."""
+    return sorted({str(g) for split in ("train", "val") for g in data.split(split).groups})
+
+
+def groups_digest(groups: list[str]) -> str:
+    """A short content hash of a sorted group list (a tag; the list itself is an artifact)."""
+    return hashlib.sha256("\n".join(sorted(groups)).encode()).hexdigest()[:16]
+
+
+def champion_training_groups(champion) -> set[str]:
+    """The training patients recorded with a registered version.
+
+    Raises:
+        ComparisonRefused: when the version has none recorded (registered before they were).
+    """
+    try:
+        recorded = mlflow.artifacts.load_dict(f"runs:/{champion.run_id}/{TRAIN_GROUPS_ARTIFACT}")
+    except (MlflowException, OSError):
+        raise ComparisonRefused(f"v{champion.version} has no record of its training patients "
+                                f"({TRAIN_GROUPS_ARTIFACT}), so a fair test set cannot be chosen; "
+                                "re-register it with this version of the pipeline") from None
+    groups = [str(g) for g in recorded["groups"]]
+    if champion.tags.get("train_groups_sha256") not in (None, groups_digest(groups)):
+        raise ComparisonRefused(f"v{champion.version}'s recorded training patients do not match its "
+                                "train_groups_sha256 tag")
+    return set(groups)
+
+
+def result_run_id(name: str, version: str) -> str:
+    """The run that logged version ``version`` of ``name``."""
+    return mlflow.MlflowClient().get_model_version(name, version).run_id
 
 
 def provenance(data: PreparedData, test_metrics: dict[str, Any]) -> dict[str, str]:
@@ -79,9 +160,14 @@ def provenance(data: PreparedData, test_metrics: dict[str, Any]) -> dict[str, st
 
 
 def promote(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[str, Any],
-            split_id: str, score_champion: Callable[[str], dict[str, Any]],
+            split_id: str, compare_on_unseen: Callable[[Any], tuple[float, float, str]],
             tags: dict[str, str] | None = None) -> RegisterResult:
-    """Register ``model_uri`` as a new version of ``name``; apply the champion rule."""
+    """Register ``model_uri`` as a new version of ``name``; apply the champion rule.
+
+    ``compare_on_unseen(champion)`` returns (new figure, champion figure, what they
+    were measured on) when the champion was measured on another test split, or
+    raises :class:`ComparisonRefused`.
+    """
     client = mlflow.MlflowClient()
     if cfg.metric not in test_metrics or not isinstance(test_metrics[cfg.metric], float):
         raise ValueError(f"register.metric '{cfg.metric}' is not among the test metrics "
@@ -93,20 +179,37 @@ def promote(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[s
             f"test_{cfg.metric}": f"{value:.6f}"}
     for key, val in tags.items():
         client.set_model_version_tag(mv.name, mv.version, key, val)
-    champ_value = None
+    result = RegisterResult(mv.name, str(mv.version), cfg.metric, value, None, None, True)
     if champion is not None:
-        champ_value = _champion_value(champion, cfg, split_id, score_champion)
-    promoted = champion is None or is_better(cfg.metric, value, champ_value, cfg.margin)
-    if promoted:
+        result = _against_champion(result, champion, cfg, split_id, compare_on_unseen)
+    if result.promoted:
         client.set_registered_model_alias(mv.name, cfg.alias, mv.version)
         if champion is not None:
             client.set_model_version_tag(mv.name, mv.version, f"previous_{cfg.alias}",
                                          str(champion.version))
-    result = RegisterResult(mv.name, str(mv.version), cfg.metric, value,
-                            None if champion is None else str(champion.version), champ_value, promoted)
     client.set_model_version_tag(mv.name, mv.version, "promotion", result.summary())
     log.info(result.summary())
     return result
+
+
+def _against_champion(result: RegisterResult, champion, cfg: RegisterConfig, split_id: str,
+                      compare_on_unseen) -> RegisterResult:
+    """The champion rule: the new figure against the champion's, measured alike."""
+    before = str(champion.version)
+    tag = champion.tags.get(f"test_{cfg.metric}")
+    if champion.tags.get("split_id") == split_id and tag is not None:
+        value, champ_value, basis = result.value, float(tag), "the same test split"
+    else:
+        log.info("champion v%s was measured on another test split: comparing on the test "
+                 "patients it did not train on", champion.version)
+        try:
+            value, champ_value, basis = compare_on_unseen(champion)
+        except ComparisonRefused as exc:
+            return dataclasses.replace(result, champion_before=before, promoted=False,
+                                       basis="", refused=str(exc))
+    promoted = is_better(cfg.metric, value, champ_value, cfg.margin)
+    return dataclasses.replace(result, value=value, champion_before=before,
+                               champion_value=champ_value, promoted=promoted, basis=basis)
 
 
 def rollback(name: str, alias: str = "champion", to: str | None = None) -> tuple[str, str]:
@@ -118,7 +221,8 @@ def rollback(name: str, alias: str = "champion", to: str | None = None) -> tuple
     client = mlflow.MlflowClient()
     current = _current(client, name, alias)
     if current is None:
-        raise ValueError(f"registered model '{name}' has no alias '{alias}' to roll back")
+        raise ValueError(f"registered model '{name}' has no alias '{alias}' to roll back: check the "
+                         "name (the MLflow UI lists registered models) or run the register stage first")
     target = to or current.tags.get(f"previous_{alias}")
     if not target:
         raise ValueError(f"{name} v{current.version} has no previous {alias} recorded; "
@@ -136,11 +240,3 @@ def _current(client: mlflow.MlflowClient, name: str, alias: str):
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-
-
-def _champion_value(champion, cfg: RegisterConfig, split_id: str, score_champion) -> float:
-    tag = champion.tags.get(f"test_{cfg.metric}")
-    if champion.tags.get("split_id") == split_id and tag is not None:
-        return float(tag)
-    log.info("champion v%s was measured on another split: re-scoring it", champion.version)
-    return float(score_champion(f"models:/{champion.name}/{champion.version}")[cfg.metric])

@@ -186,14 +186,14 @@ def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
     import ray
     from ray.data import ActorPoolStrategy
 
-    uri = setup_mlflow()
-    model = resolve_model(model_uri)
     if cfg.input:
         inputs, skipped = list_inputs(cfg.input)
     elif prepared is not None:
         inputs, skipped = split_inputs(PreparedData(prepared)), []
     else:
         raise ValueError("set score.input to a folder or zip of images to score")
+    uri = setup_mlflow()
+    model = resolve_model(model_uri)
     if skipped:
         log.info("skipping %d non-image files (e.g. %s)", len(skipped), skipped[:3])
     init_ray()

@@ -1,20 +1,18 @@
-"""The served model: its input decoding, the MLflow ``PythonModel``, the output
-table and how it is logged.
+"""The served model: its input contract (:data:`CONTRACT`), the MLflow
+``PythonModel``, the output table and how it is logged (models from code).
 
 The pyfunc carries the trained checkpoint and the part of this package it runs
 (:func:`packaged_code`), and applies the same decoding, resizing and
 normalisation as training, so
-``mlflow.pyfunc.load_model("models:/<name>@champion").predict(images)`` works in
+``mlflow.pyfunc.load_model("models:/<name>@champion").predict(df)`` works in
 any fresh Python process. Batch scoring and the champion re-score use the same
 output format.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,47 +31,91 @@ log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
 
 
-def decode_inputs(model_input: Any) -> tuple[list[np.ndarray | None], list[str | None]]:
-    """Images from the accepted input forms, with a per-item error instead of raising.
+INPUT_COLUMN = "image"
 
-    Accepted: a DataFrame with an ``image`` column of encoded bytes or base64
-    strings (the REST form), a list of ``HxWx3`` arrays, encoded bytes or base64
-    strings, or one ``NxHxWx3`` array.
+# The contract, in one table: README and the registered model's description show it.
+CONTRACT = """\
+| entry point | accepts | returns / refuses |
+|---|---|---|
+| `mlflow.pyfunc.load_model(uri).predict(df)` and `mlflow models serve` | a DataFrame with one column `image` of encoded image bytes (PNG, JPEG, TIFF, BMP; over REST base64 strings in JSON, decoded by MLflow from the signature); param `tta` (bool, default false) | one row per image: `predicted_label`, `probability`, `prob_<class>`, `error`; bytes that are not a readable image get `error` and no label; anything else (no `image` column, values that are not bytes, arrays, paths, None) is refused as a whole, by MLflow's signature check or with an error that says what to pass (HTTP 400 over REST) |
+| `load_model(uri).unwrap_python_model().predict_arrays(images)` | decoded images: a list of `HxWx3` uint8 RGB arrays, or one `NxHxWx3` uint8 batch | the same table; a single 3-D array, float arrays, other channel counts, None or a string are refused with an error that says what to pass |
+"""
+
+
+class ModelInputError(ValueError):
+    """The input is not what the model accepts; the message says what to pass."""
+
+
+def decode_encoded(column: Sequence[Any]) -> tuple[list[np.ndarray | None], list[str | None]]:
+    """Decode a column of encoded image bytes.
+
+    A value that is not bytes makes the whole request malformed (refused, HTTP 400
+    over REST); bytes that are not a readable image get a per-row error, so one bad
+    file never stops a batch.
+
+    Raises:
+        ModelInputError: on a value that is not bytes, saying what to pass.
     """
-    if isinstance(model_input, pd.DataFrame):
-        if "image" not in model_input.columns:
-            raise ValueError("input DataFrame needs an 'image' column of encoded image bytes")
-        items = list(model_input["image"])
-    else:
-        items = list(model_input)
     images: list[np.ndarray | None] = []
     errors: list[str | None] = []
-    for item in items:
+    for i, item in enumerate(column):
+        if not isinstance(item, (bytes, bytearray, memoryview)):
+            raise ModelInputError(f"row {i} of the '{INPUT_COLUMN}' column holds {type(item).__name__}, "
+                                  "not encoded image bytes: pass each file's bytes (over REST, "
+                                  "base64-encoded in JSON)")
         try:
-            images.append(_to_image(item))
+            images.append(load_rgb(bytes(item)))
             errors.append(None)
-        except (ImageDecodeError, ValueError, TypeError) as exc:
+        except ImageDecodeError as exc:
             images.append(None)
             errors.append(str(exc))
     return images, errors
 
 
-def _to_image(item: Any) -> np.ndarray:
-    if isinstance(item, np.ndarray):
-        if item.ndim == 2:
-            item = np.repeat(item[..., None], 3, axis=2)
-        if item.ndim != 3 or item.shape[2] not in (3, 4):
-            raise ValueError(f"array of shape {item.shape} is not an HxWx3 image")
-        return np.ascontiguousarray(item[..., :3]).astype(np.uint8, copy=False)
-    if isinstance(item, str):
-        item = base64.b64decode(item, validate=True)
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        return load_rgb(bytes(item))
-    raise TypeError(f"cannot read an image from {type(item).__name__}")
+def check_arrays(images: Any) -> list[np.ndarray]:
+    """Decoded images as a list of ``HxWx3`` uint8 arrays; refuse anything ambiguous.
+
+    Raises:
+        ModelInputError: saying what was given and what to pass instead.
+    """
+    what = "pass a list of HxWx3 uint8 RGB arrays or one NxHxWx3 uint8 batch"
+    if isinstance(images, np.ndarray):
+        if images.ndim == 3:
+            raise ModelInputError(f"got one array of shape {images.shape}: is it one image or a batch? "
+                                  f"{what} (one image: [image])")
+        if images.ndim != 4:
+            raise ModelInputError(f"got an array of shape {images.shape}; {what}")
+        images = list(images)
+    elif images is None or isinstance(images, (str, bytes)) or not isinstance(images, (list, tuple)):
+        raise ModelInputError(f"got {type(images).__name__}; {what} (encoded files go to predict() "
+                              f"as a DataFrame with an '{INPUT_COLUMN}' column)")
+    for i, img in enumerate(images):
+        if not isinstance(img, np.ndarray):
+            raise ModelInputError(f"item {i} is {type(img).__name__}, not an array; {what}")
+        if img.dtype != np.uint8:
+            raise ModelInputError(f"item {i} has dtype {img.dtype}; {what} (0..255; a float image "
+                                  "scaled 0..1 would be misread as near-black)")
+        if img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
+            raise ModelInputError(f"item {i} has shape {img.shape}; {what}")
+    return list(images)
+
+
+def signature(class_names: Sequence[str]):
+    """The MLflow signature: the input column, the ``tta`` param and the output table."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    outputs = [ColSpec(DataType.string, "predicted_label", required=False),
+               ColSpec(DataType.double, "probability"),
+               *[ColSpec(DataType.double, f"prob_{c}") for c in class_names],
+               ColSpec(DataType.string, "error", required=False)]
+    return ModelSignature(inputs=Schema([ColSpec(DataType.binary, INPUT_COLUMN)]),
+                          outputs=Schema(outputs),
+                          params=ParamSchema([ParamSpec("tta", DataType.boolean, False)]))
 
 
 class CellClassifier(mlflow.pyfunc.PythonModel):
-    """pyfunc: raw RGB images in, one row per image out (label, probabilities, error)."""
+    """pyfunc: encoded images in, one row per image out (label, probabilities, error)."""
 
     def load_context(self, context) -> None:
         from pipeline.inference import Predictor
@@ -81,10 +123,22 @@ class CellClassifier(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        images, errors = decode_inputs(model_input)
+        """The signature's entry point: a DataFrame with an ``image`` column of encoded bytes."""
+        if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
+            raise ModelInputError(f"pass a DataFrame with an '{INPUT_COLUMN}' column of encoded image "
+                                  f"bytes, got {type(model_input).__name__}")
+        images, errors = decode_encoded(model_input[INPUT_COLUMN])
         ok = [i for i, img in enumerate(images) if img is not None]
-        probs = self.predictor.predict([images[i] for i in ok])
+        tta = bool((params or {}).get("tta", False))
+        probs = self.predictor.predict([images[i] for i in ok], tta=tta)
         return format_predictions(probs, ok, errors, self.predictor.meta.class_names)
+
+    def predict_arrays(self, images: Any, tta: bool = False) -> pd.DataFrame:
+        """Decoded images (see :func:`check_arrays`) to one row per image."""
+        arrays = check_arrays(images)
+        probs = self.predictor.predict(arrays, tta=tta)
+        return format_predictions(probs, list(range(len(arrays))), [None] * len(arrays),
+                                  self.predictor.meta.class_names)
 
 
 def format_predictions(probs: np.ndarray, ok: list[int], errors: list[str | None],
@@ -132,8 +186,8 @@ def packaged_code(dest: Path) -> Path:
     return target
 
 
-def log_model(checkpoint: str | Path, example: np.ndarray) -> str:
-    """Log the pyfunc model to the active run; return its model URI."""
+def log_model(checkpoint: str | Path, example: np.ndarray, class_names: Sequence[str]) -> str:
+    """Log the pyfunc (as code: :mod:`pipeline.served_model`) to the active run; return its URI."""
     import io
     import tempfile
 
@@ -141,18 +195,14 @@ def log_model(checkpoint: str | Path, example: np.ndarray) -> str:
 
     buf = io.BytesIO()
     Image.fromarray(example).save(buf, format="PNG")
-    input_example = pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]})
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*CloudPickle.*")
+    with tempfile.TemporaryDirectory() as d:
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            python_model=CellClassifier(),
+            python_model=str(Path(__file__).with_name("served_model.py")),
             artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(packaged_code(Path(d)))],
-            input_example=input_example,
-            # No schema: it would reject a list of HxWx3 arrays of different sizes;
-            # decode_inputs checks every input form and reports bad items per row.
-            signature=False,
+            signature=signature(class_names),
+            input_example=pd.DataFrame({INPUT_COLUMN: [buf.getvalue()]}),
             pip_requirements=_requirements(),
         )
     return info.model_uri
@@ -181,12 +231,15 @@ def model_meta(model_uri: str) -> dict[str, Any]:
     return torch.load(checkpoints[0], map_location="cpu", weights_only=True)["meta"]
 
 
-def metrics_on_split(model_uri: str, data: PreparedData, split: str,
-                     positive_class: str | None) -> dict[str, Any]:
-    """Metrics of a logged model on the original image files of a prepared split."""
+def metrics_on_split(model_uri: str, data: PreparedData, split: str, positive_class: str | None,
+                     groups: Sequence[str] | None = None) -> dict[str, Any]:
+    """Metrics of a logged model on the original image files of a prepared split
+    (only the cells of ``groups``, if given)."""
     rows = data.rows(split)
+    if groups is not None:
+        rows = rows[rows["patient_id"].astype(str).isin(set(groups))]
     images = [(data.images_dir / p).read_bytes() for p in rows["path"]]
-    preds = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image": images}))
+    preds = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({INPUT_COLUMN: images}))
     classes = data.class_names
     labels = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     probs = preds[[f"prob_{c}" for c in classes]].to_numpy()

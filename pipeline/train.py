@@ -95,7 +95,7 @@ def train(
         mlflow.log_metrics({"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                             "best_val_acc": best["val_acc"]})
         mlflow.log_artifact(str(out_dir / MODEL_FILE), artifact_path="checkpoint")
-        model_uri = log_model(out_dir / MODEL_FILE, np.asarray(train_split.images[0]))
+        model_uri = log_model(out_dir / MODEL_FILE, np.asarray(train_split.images[0]), data.class_names)
     # The run finished: a later run with the same settings starts afresh.
     store.delete()
     log.info("best epoch %d: val_loss %.4f val_acc %.4f", best["epoch"], best["val_loss"],

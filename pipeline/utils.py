@@ -7,9 +7,10 @@ import json
 import logging
 import os
 import random
-import tempfile
+import secrets
+import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -56,9 +57,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp)
+    # Not mkstemp: its 0600 would ignore the umask, and on a shared filesystem
+    # nobody else could read the output. 0666 & ~umask, like any other file.
+    while True:
+        tmp_path = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -98,3 +105,30 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         ray.init(_node_ip_address=os.environ.get("PIPELINE_RAY_NODE_IP", "127.0.0.2"),
                  num_cpus=num_cpus)
+
+
+DEBUG_ENV = "PIPELINE_DEBUG"
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a mistake the user fixes (a path, a param, an argument, a missing
+    model) rather than a bug: those get one line, bugs keep their traceback."""
+    from pipeline.config import UserError
+
+    mlflow_errors = sys.modules.get("mlflow.exceptions")
+    return (isinstance(exc, (UserError, FileNotFoundError, PermissionError, IsADirectoryError,
+                             ValueError))
+            or (mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException)))
+
+
+def run_cli(func: Callable[[], Any]) -> Any:
+    """Run a command-line entry point: a user mistake prints one ``error:`` line and exits 1
+    (the traceback only with ``PIPELINE_DEBUG=1``); anything else propagates."""
+    try:
+        return func()
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV) or not is_user_error(exc):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None

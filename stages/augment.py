@@ -1,8 +1,7 @@
 """DVC stage `augment`: the Albumentations policy file train loads, and a preview grid."""
 
-import sys
 
-from common import load_params
+from common import load_params, run_stage
 
 from pipeline.augment import load_policy, policy, save_policy
 from pipeline.plots import augmentation_preview
@@ -19,4 +18,4 @@ def main(prepared: str, policy_path: str, preview_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main, __doc__)

@@ -1,15 +1,32 @@
-"""What every stage script shares: params.yaml loading and process set-up."""
+"""What every stage script shares: arguments, params.yaml loading, errors, process set-up."""
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import logging
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from pipeline.config import ConfigError, Params, from_dict
-from pipeline.utils import set_quiet_env, setup_logging
+from pipeline.utils import DEBUG_ENV, run_cli, set_quiet_env, setup_logging
+
+
+def run_stage(main: Callable[..., None], doc: str | None) -> None:
+    """Parse the stage's positional arguments (named after ``main``'s parameters), then run
+    it; ``--help`` prints the usage and touches nothing, a user mistake prints one line."""
+    names = list(inspect.signature(main).parameters)
+    parser = argparse.ArgumentParser(
+        prog=f"python {sys.argv[0]}", description=doc,
+        epilog=f"dvc repro runs this with the paths in dvc.yaml; params come from params.yaml in "
+               f"the current folder. {DEBUG_ENV}=1 shows the traceback of an error.")
+    for name in names:
+        parser.add_argument(name)
+    args = parser.parse_args()
+    run_cli(lambda: main(*(getattr(args, n) for n in names)))
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -19,11 +36,14 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     set_quiet_env()
     setup_logging()
     logging.getLogger("pipeline").setLevel(logging.INFO)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found in {Path.cwd()}: run the stage from the project "
+                                "root (dvc repro does)")
     raw: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
     try:
         return from_dict(Params, raw, where=str(path))
     except ConfigError as exc:
-        raise SystemExit(f"error in {path}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def model_name(params: Params) -> str:

@@ -1,9 +1,8 @@
 """DVC stage `evaluate`: test-split metrics and plots, logged to the training run."""
 
-import sys
 from pathlib import Path
 
-from common import load_params
+from common import load_params, run_stage
 
 from pipeline.evaluate import evaluate
 from pipeline.handoffs import TrainHandoff, read_handoff
@@ -19,4 +18,4 @@ def main(model_dir: str, prepared: str, metrics: str, plots_dir: str, report: st
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main, __doc__)

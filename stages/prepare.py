@@ -1,10 +1,9 @@
 """DVC stage `prepare`: extract, validate, split and resize the archive; write the data card."""
 
 import shutil
-import sys
 from pathlib import Path
 
-from common import load_params
+from common import load_params, run_stage
 
 from pipeline.prepare import prepare
 from pipeline.prepared import DATA_CARD
@@ -23,4 +22,4 @@ def main(archive: str, out_dir: str, card: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main, __doc__)

@@ -1,10 +1,9 @@
 """DVC stage `register`: register the model; move the alias only to a better one."""
 
 import json
-import sys
 from pathlib import Path
 
-from common import load_params, model_name
+from common import load_params, model_name, run_stage
 
 from pipeline.handoffs import RegisterHandoff, TrainHandoff, read_handoff, write_handoff
 from pipeline.registry import register
@@ -22,4 +21,4 @@ def main(model_dir: str, metrics: str, prepared: str, output: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main, __doc__)

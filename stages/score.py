@@ -1,8 +1,7 @@
 """DVC stage `score`: Ray Data batch scoring with the champion model."""
 
-import sys
 
-from common import load_params
+from common import load_params, run_stage
 
 from pipeline.datasets import get_dataset
 from pipeline.handoffs import RegisterHandoff, read_handoff
@@ -20,4 +19,4 @@ def main(registered: str, prepared: str, output: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main, __doc__)

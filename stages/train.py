@@ -1,11 +1,10 @@
 """DVC stage `train`: fine-tune with Ray Train; best checkpoint, history and run id out."""
 
-import sys
 from pathlib import Path
 
 import yaml
 
-from common import load_params
+from common import load_params, run_stage
 
 from pipeline.handoffs import TrainHandoff, write_handoff
 from pipeline.train import train
@@ -28,4 +27,4 @@ def main(prepared: str, policy: str, model_dir: str, metrics: str, history: str)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main, __doc__)

@@ -43,6 +43,7 @@ def check_champion_on_server(server: str, monkeypatch) -> None:
     training and test metrics, and the model loads through pyfunc and predicts."""
     import mlflow
     import numpy as np
+    import pandas as pd
 
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: undo both afterwards.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
@@ -54,7 +55,9 @@ def check_champion_on_server(server: str, monkeypatch) -> None:
         run = client.get_run(champion.run_id)
         assert {"train_loss", "val_loss", "test_accuracy"} <= set(run.data.metrics)
         model = mlflow.pyfunc.load_model("models:/malaria@champion")
-        preds = model.predict([np.full((50, 60, 3), 200, np.uint8)])
+        from pipeline.synthetic import png_bytes
+
+        preds = model.predict(pd.DataFrame({"image": [png_bytes(np.full((50, 60, 3), 200, np.uint8))]}))
         assert preds["predicted_label"].iloc[0] in {"Parasitized", "Uninfected"}
     finally:
         mlflow.set_tracking_uri(previous)
@@ -139,6 +142,6 @@ def model_uris(tracking_uri, checkpoint):
 
     def log() -> str:
         with mlflow.start_run():
-            return log_model(checkpoint, example)
+            return log_model(checkpoint, example, ("Parasitized", "Uninfected"))
 
     return log

@@ -36,3 +36,51 @@ def test_params_yaml_lists_every_knob():
                          if f.default_factory is not dataclasses.MISSING]:
         fields = {x.name for x in dataclasses.fields(cls)}
         assert set(raw[section]) == fields, (section, fields ^ set(raw[section]))
+
+
+def _params(**sections) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    return raw
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"regime": "finetune"}}, r"train.regime: 'finetune' is not one of scratch, feature_extract"),
+    ({"train": {"optimizer": "adam"}}, r"train.optimizer: 'adam' is not one of adamw, sgd"),
+    ({"train": {"scheduler": "linear"}}, r"train.scheduler: 'linear' is not one of cosine"),
+    ({"train": {"model": "resnet9000"}}, r"train.model: 'resnet9000' is not one of baseline_cnn"),
+    ({"augment": {"preset": "heavy"}}, r"augment.preset: 'heavy' is not one of custom, none"),
+    ({"dataset": "mnist"}, r"dataset: no download.sources.mnist in params.yaml; datasets with a source: "
+                           r"bloodmnist"),
+    ({"augment": {"hflip": 1.5}}, r"augment.hflip: 1.5 is outside \[0.0, 1.0\]"),
+    ({"evaluate": {"patient_threshold": -0.1}}, r"evaluate.patient_threshold"),
+    ({"prepare": {"val_ratio": 0.5, "test_ratio": 0.5}}, r"val_ratio \+ prepare.test_ratio must be < 1"),
+    ({"train": {"lr": 0.0}}, r"train.lr: 0.0 is outside"),
+    ({"train": {"epochs": 0}}, r"train.epochs: 0 is outside \[1, inf\]"),
+    ({"train": {"num_workers": 0}}, r"train.num_workers"),
+    ({"score": {"concurrency": 0}}, r"score.concurrency"),
+    ({"evaluate": {"ci_level": 95}}, r"evaluate.ci_level"),
+])
+def test_bad_params_fail_at_load_naming_the_key_and_allowed_values(change, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(Params, _params(**change))
+
+
+def test_a_dataset_without_a_source_fails_at_load():
+    raw = _params(dataset="imagefolder")
+    del raw["download"]["sources"]["imagefolder"]
+    with pytest.raises(ConfigError, match="dataset: no download.sources.imagefolder"):
+        from_dict(Params, raw)
+
+
+def test_enum_values_are_the_ones_the_code_implements():
+    from pipeline.augment import PRESETS
+    from pipeline.config import AUGMENT_PRESETS, CUSTOM_MODELS
+    from pipeline.datasets import DATASETS
+    from pipeline.models import MODELS
+
+    assert set(AUGMENT_PRESETS) == {"custom", *PRESETS}
+    assert set(CUSTOM_MODELS) == set(MODELS)
+    sources = yaml.safe_load((REPO / "params.yaml").read_text())["download"]["sources"]
+    assert set(sources) <= set(DATASETS)  # a dataset with a source is a known one

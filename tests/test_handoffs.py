@@ -12,7 +12,8 @@ from pipeline.handoffs import RegisterHandoff, TrainHandoff, read_handoff, write
 def test_round_trip_and_alias_uri(tmp_path):
     write_handoff(TrainHandoff("run-1", "models:/m-1"), tmp_path / "train.json")
     assert read_handoff(TrainHandoff, tmp_path / "train.json") == TrainHandoff("run-1", "models:/m-1")
-    reg = RegisterHandoff("malaria", "3", "champion", "roc_auc", 0.99, None, None, True, "first")
+    reg = RegisterHandoff("malaria", "3", "champion", "roc_auc", 0.99, None, None, True,
+                          "the test split", None, "first")
     write_handoff(reg, tmp_path / "register.json")
     back = read_handoff(RegisterHandoff, tmp_path / "register.json")
     assert back == reg and back.alias_uri() == "models:/malaria@champion"

@@ -17,33 +17,50 @@ def _metrics(auc: float) -> dict:
 
 def test_worse_model_does_not_take_the_alias(model_uris):
     name = "rule-test"
-    first = promote(CFG, name, model_uris(), _metrics(0.90), "split-a", lambda uri: pytest.fail())
+    first = promote(CFG, name, model_uris(), _metrics(0.90), "split-a", lambda c: pytest.fail())
     assert first.promoted and first.champion_before is None
-    worse = promote(CFG, name, model_uris(), _metrics(0.85), "split-a", lambda uri: pytest.fail())
+    worse = promote(CFG, name, model_uris(), _metrics(0.85), "split-a", lambda c: pytest.fail())
     assert not worse.promoted and "stays without the alias" in worse.summary()
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias(name, "champion").version) == first.version
-    tie = promote(CFG, name, model_uris(), _metrics(0.90), "split-a", lambda uri: pytest.fail())
+    tie = promote(CFG, name, model_uris(), _metrics(0.90), "split-a", lambda c: pytest.fail())
     assert not tie.promoted  # only a strictly better model moves the alias
-    better = promote(CFG, name, model_uris(), _metrics(0.95), "split-a", lambda uri: pytest.fail())
+    better = promote(CFG, name, model_uris(), _metrics(0.95), "split-a", lambda c: pytest.fail())
     assert better.promoted
     assert str(client.get_model_version_by_alias(name, "champion").version) == better.version
     tags = client.get_model_version(name, better.version).tags
     assert tags["split_id"] == "split-a" and float(tags["test_roc_auc"]) == pytest.approx(0.95)
 
 
-def test_champion_from_another_split_is_rescored_on_this_one(model_uris):
+def test_champion_from_another_split_is_compared_on_patients_neither_trained_on(model_uris):
     name = "rescore-test"
-    promote(CFG, name, model_uris(), _metrics(0.99), "old-split", lambda uri: pytest.fail())
+    promote(CFG, name, model_uris(), _metrics(0.99), "old-split", lambda c: pytest.fail())
     seen = []
 
-    def rescore(uri: str) -> dict:
-        seen.append(uri)
-        return _metrics(0.80)  # the old champion is weaker on the new split
+    def compare(champion) -> tuple[float, float, str]:
+        seen.append(str(champion.version))
+        return 0.88, 0.80, "3 test patients neither model trained on"
 
-    result = promote(CFG, name, model_uris(), _metrics(0.90), "new-split", rescore)
-    assert seen == [f"models:/{name}/1"]
+    result = promote(CFG, name, model_uris(), _metrics(0.90), "new-split", compare)
+    assert seen == ["1"]
     assert result.promoted and result.champion_value == pytest.approx(0.80)
+    assert result.value == pytest.approx(0.88)  # both figures on the same unseen patients
+    assert "on 3 test patients neither model trained on" in result.summary()
+
+
+def test_no_fair_comparison_is_refused_with_why_and_what_to_do(model_uris):
+    from pipeline.registry import ComparisonRefused
+
+    name = "refuse-test"
+    promote(CFG, name, model_uris(), _metrics(0.70), "old-split", lambda c: pytest.fail())
+
+    def compare(champion):
+        raise ComparisonRefused("it trained on all 4 patients of this test split")
+
+    result = promote(CFG, name, model_uris(), _metrics(0.99), "new-split", compare)
+    assert not result.promoted and result.refused
+    assert "no fair comparison with champion v1" in result.summary()
+    assert str(mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version) == "1"
 
 
 def test_lower_is_better_metric_and_unknown_metric(model_uris):
@@ -84,3 +101,62 @@ def test_register_tags_provenance(model_uris, prepared_synthetic):
     tags = mlflow.MlflowClient().get_model_version("provenance-test", result.version).tags
     assert len(tags["dataset_id"].split("-")) == 3 and tags["git_commit"]
     assert tags["test_accuracy"] == "0.900000" and tags["run_id"]
+    from pipeline.prepared import PreparedData
+    from pipeline.registry import TRAIN_GROUPS_ARTIFACT, groups_digest, training_groups
+
+    groups = training_groups(PreparedData(prepared_synthetic))
+    recorded = mlflow.artifacts.load_dict(f"runs:/{tags['run_id']}/{TRAIN_GROUPS_ARTIFACT}")["groups"]
+    description = mlflow.MlflowClient().get_registered_model("provenance-test").description
+    assert "| entry point | accepts |" in description and "predict_arrays" in description
+    assert recorded == groups and tags["train_groups_sha256"] == groups_digest(groups)
+
+
+def test_a_moved_split_never_scores_the_champion_on_patients_it_trained_on(model_uris, synthetic_zip,
+                                                                          prepared_synthetic, tmp_path):
+    """The leak reproduction: champion on one split, prepare.seed changes, register again."""
+    from pipeline.config import PrepareConfig
+    from pipeline.prepare import prepare
+    from pipeline.prepared import PreparedData
+    from pipeline.registry import register, training_groups
+
+    name = "leak-test"
+    first = register(RegisterConfig(), name, model_uris(), _metrics(0.99), prepared_synthetic, "Parasitized")
+    assert first.promoted
+    champion_saw = set(training_groups(PreparedData(prepared_synthetic)))
+    for seed in range(1, 40):  # a split whose test patients the champion partly trained on
+        moved = prepare(synthetic_zip, tmp_path / f"moved{seed}", PrepareConfig(image_size=32, seed=seed),
+                        "malaria").out_dir
+        test = set(PreparedData(moved).split("test").groups)
+        if test & champion_saw and test - champion_saw:
+            break
+    else:
+        pytest.fail("no seed moved the split the way this test needs")
+    new_uri = model_uris()
+    second = register(RegisterConfig(), name, new_uri, _metrics(0.5), moved, "Parasitized")
+    unseen = sorted(test - champion_saw)
+    assert second.refused is None and second.basis == f"{len(unseen)} test patients neither model trained on"
+    assert second.champion_before == first.version
+    # Both figures come from the unseen patients only, not from the 0.5 on the whole split.
+    from pipeline.serving import metrics_on_split
+
+    data = PreparedData(moved)
+    assert second.value == pytest.approx(metrics_on_split(new_uri, data, "test", "Parasitized", unseen)["roc_auc"])
+    champion_uri = f"models:/{name}/{first.version}"
+    assert second.champion_value == pytest.approx(
+        metrics_on_split(champion_uri, data, "test", "Parasitized", unseen)["roc_auc"])
+
+
+def test_a_split_made_only_of_the_champions_training_patients_is_refused(model_uris, prepared_synthetic,
+                                                                        monkeypatch):
+    from pipeline import registry
+
+    name = "all-seen-test"
+    registry.register(RegisterConfig(), name, model_uris(), _metrics(0.8), prepared_synthetic, "Parasitized")
+    champion = mlflow.MlflowClient().get_model_version_by_alias(name, "champion")
+    test = set(registry.PreparedData(prepared_synthetic).split("test").groups)
+    monkeypatch.setattr(registry, "champion_training_groups", lambda c: test | {"other"})
+    monkeypatch.setattr(registry.PreparedData, "split_id", lambda self, s: f"moved-{s}")
+    result = registry.register(RegisterConfig(), name, model_uris(), _metrics(0.99), prepared_synthetic,
+                               "Parasitized")
+    assert not result.promoted and "trained on all" in result.refused
+    assert "pipeline rollback" in result.refused and str(champion.version) == result.champion_before

@@ -14,22 +14,107 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.serving import decode_inputs
 from pipeline.synthetic import png_bytes, synthetic_cell
 from tests.conftest import free_port
 
 
-def test_decode_inputs_accepts_every_form_and_reports_bad_items():
-    img = synthetic_cell(np.random.default_rng(0), True, 30)
-    import base64
+@pytest.fixture(scope="module")
+def served(model_uris):
+    """The logged test model, loaded through pyfunc as a user would."""
+    return mlflow.pyfunc.load_model(model_uris())
 
-    images, errors = decode_inputs([img, png_bytes(img), base64.b64encode(png_bytes(img)).decode(),
-                                    b"not an image", np.zeros((4, 4))])
-    assert [e is None for e in errors] == [True, True, True, False, True]
-    assert all(im.shape == (30, 30, 3) for im in images[:3])
-    assert images[4].shape == (4, 4, 3)
-    frame_images, _ = decode_inputs(pd.DataFrame({"image": [png_bytes(img)]}))
-    assert np.array_equal(frame_images[0], img)
+
+def test_good_inputs_give_one_row_each_and_the_evaluation_path_probabilities(served, checkpoint,
+                                                                            prepared_synthetic):
+    from pipeline.inference import Predictor
+    from pipeline.images import load_rgb
+    from pipeline.prepared import PreparedData
+
+    data = PreparedData(prepared_synthetic)
+    test = data.split("test")
+    files = [(data.images_dir / p).read_bytes() for p in test.paths]
+    expected = Predictor.from_checkpoint(checkpoint).predict_resized(test.images)
+    cols = ["prob_Parasitized", "prob_Uninfected"]
+    out = served.predict(pd.DataFrame({"image": files}))
+    assert len(out) == len(files) and out["error"].isna().all()
+    assert np.allclose(out[cols].to_numpy(), expected, atol=1e-5)
+    decoded = [load_rgb(f) for f in files]
+    model = served.unwrap_python_model()
+    assert np.allclose(model.predict_arrays(decoded)[cols].to_numpy(), expected, atol=1e-5)
+    batch = np.stack(decoded[:3]) if len({d.shape for d in decoded[:3]}) == 1 else np.asarray(test.images[:3])
+    assert len(model.predict_arrays(batch)) == 3
+    tta = served.predict(pd.DataFrame({"image": files[:2]}), params={"tta": True})
+    assert len(tta) == 2 and not np.allclose(tta[cols].to_numpy(), expected[:2], atol=1e-7)
+
+
+def _cell() -> np.ndarray:
+    return synthetic_cell(np.random.default_rng(5), True, 40)
+
+
+# Inputs the model must never answer with a label: (description, input).
+BAD_FOR_PREDICT = {
+    "one HxWx3 array": lambda: _cell(),
+    "a list of arrays": lambda: [_cell(), _cell()],
+    "a path string": lambda: "cells/cell1.png",
+    "a list of paths": lambda: ["cells/cell1.png", "cells/cell2.png"],
+    "None": lambda: None,
+    "a PIL image": lambda: __import__("PIL.Image").Image.fromarray(_cell()),
+    "a DataFrame without an image column": lambda: pd.DataFrame({"img": [png_bytes(_cell())]}),
+    "arrays in the image column": lambda: pd.DataFrame({"image": [_cell()]}),
+    "base64 text in the image column": lambda: pd.DataFrame({"image": ["aGVsbG8="]}),
+    "a text file's bytes": lambda: pd.DataFrame({"image": [b"this is not an image"]}),
+    "an empty file": lambda: pd.DataFrame({"image": [b""]}),
+    "a truncated png": lambda: pd.DataFrame({"image": [png_bytes(_cell())[:200]]}),
+}
+BAD_FOR_ARRAYS = {
+    "one HxWx3 array": lambda: _cell(),
+    "a float image scaled 0..1": lambda: [_cell().astype(np.float32) / 255],
+    "a float batch": lambda: np.stack([_cell()]).astype(np.float64),
+    "a grey 2-D image": lambda: [_cell()[..., 0]],
+    "an RGBA image": lambda: [np.dstack([_cell(), np.full((40, 40), 255, np.uint8)])],
+    "None": lambda: None,
+    "a path string": lambda: "cells/cell1.png",
+    "a list of paths": lambda: ["cells/cell1.png"],
+    "encoded bytes": lambda: [png_bytes(_cell())],
+    "a PIL image": lambda: [__import__("PIL.Image").Image.fromarray(_cell())],
+}
+
+
+def _never_labels(call) -> str:
+    """Run ``call``: it must raise, or return rows that carry an error and no label."""
+    try:
+        out = call()
+    except (mlflow.exceptions.MlflowException, ValueError, TypeError) as exc:
+        assert str(exc), "an error with no message"
+        return "refused"
+    assert len(out) and out["predicted_label"].isna().all() and out["error"].notna().all(), out
+    return "error rows"
+
+
+@pytest.mark.parametrize("case", list(BAD_FOR_PREDICT))
+def test_bad_inputs_to_predict_never_get_a_label(served, case):
+    _never_labels(lambda: served.predict(BAD_FOR_PREDICT[case]()))
+
+
+@pytest.mark.parametrize("case", list(BAD_FOR_ARRAYS))
+def test_bad_inputs_to_predict_arrays_are_refused_with_what_to_pass(served, case):
+    from pipeline.serving import ModelInputError
+
+    with pytest.raises(ModelInputError, match="pass a list of HxWx3 uint8"):
+        served.unwrap_python_model().predict_arrays(BAD_FOR_ARRAYS[case]())
+
+
+def test_error_rows_say_what_is_wrong_in_words(served):
+    out = served.predict(pd.DataFrame({"image": [b"this is not an image", _cell().tobytes()[:10]]}))
+    for error in out["error"]:
+        assert "not a readable image" in error and " at 0x" not in error and "<" not in error
+
+
+def test_the_model_has_a_signature_and_is_logged_as_code(served):
+    sig = served.metadata.signature
+    assert sig.inputs.input_names() == ["image"] and sig.params.params[0].name == "tta"
+    assert "prob_Parasitized" in sig.outputs.input_names()
+    assert served.metadata.flavors["python_function"].get("model_code_path", "").endswith("served_model.py")
 
 
 def test_registered_pyfunc_predicts_raw_images_in_a_fresh_process(model_uris, tracking_uri, tmp_path):
@@ -37,12 +122,16 @@ def test_registered_pyfunc_predicts_raw_images_in_a_fresh_process(model_uris, tr
     mv = mlflow.register_model(uri, "fresh-process-test")
     mlflow.MlflowClient().set_registered_model_alias("fresh-process-test", "champion", mv.version)
     script = textwrap.dedent("""
-        import mlflow, numpy as np, io
+        import mlflow, numpy as np, pandas as pd, io
         from PIL import Image
         rng = np.random.default_rng(0)
-        images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in [(50, 70), (130, 90), (20, 20)]]
+        images = []
+        for h, w in [(50, 70), (130, 90), (20, 20)]:
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+            images.append(buf.getvalue())
         model = mlflow.pyfunc.load_model("models:/fresh-process-test@champion")
-        out = model.predict(images)
+        out = model.predict(pd.DataFrame({"image": images}))
         assert len(out) == 3, out
         assert out["error"].isna().all(), out
         assert set(out["predicted_label"]) <= {"Parasitized", "Uninfected"}
@@ -64,6 +153,7 @@ def test_mlflow_models_serve_answers_a_rest_request(model_uris, tracking_uri, tm
     import base64
     import json
     import time
+    import urllib.error
     import urllib.request
 
     mv = mlflow.register_model(model_uris(), "serve-test")
@@ -90,12 +180,21 @@ def test_mlflow_models_serve_answers_a_rest_request(model_uris, tracking_uri, tm
                 assert server.poll() is None, server.stderr.read().decode()[-2000:]
                 time.sleep(1)
         assert reply is not None, "server did not answer in 120 s"
+        for malformed in ({"dataframe_split": {"columns": ["img"], "data": [["x"]]}},
+                          {"inputs": [[[0, 0, 0]]]}):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps(malformed).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(req, timeout=30)
+            assert refused.value.code == 400, malformed
         rows = reply["predictions"]
         error = rows[0]["error"]
         assert rows[0]["predicted_label"] in {"Parasitized", "Uninfected"}
         assert error is None or error != error  # null, or NaN after JSON
         label = rows[1]["predicted_label"]
-        assert (label is None or label != label) and "image" in rows[1]["error"]
+        assert (label is None or label != label) and "not a readable image" in rows[1]["error"]
+        assert len(rows) == 2
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
