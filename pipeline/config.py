@@ -150,7 +150,8 @@ class PrepareConfig(Checked):
 
     SECTION = "prepare"
     RANGES = {"image_size": (8, 4096), "val_ratio": (0.0, 0.95), "test_ratio": (0.0, 0.95),
-              "max_images": (0, None)}
+              "max_images": (0, None), "max_archive_bytes": (1, None),
+              "max_compression_ratio": (1.0, None)}
 
     image_size: int = 96
     val_ratio: float = 0.15
@@ -159,6 +160,8 @@ class PrepareConfig(Checked):
     max_images: int = 0  # 0 keeps every image; >0 takes a seeded random subset
     groups_csv: str = ""  # imagefolder: CSV of path,group for grouped splits
     drop_duplicates: bool = False  # drop identical images that recur in a later split
+    max_archive_bytes: int = 8 << 30  # refuse an archive declaring more, uncompressed
+    max_compression_ratio: float = 100.0  # refuse a member expanding more (a zip bomb)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -15,8 +15,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
+from pipeline.config import UserError
 from pipeline.inference import ModelMeta, to_tensor
 from pipeline.regimes import train_mode
+
+
+class NonFiniteLossError(UserError, ArithmeticError):
+    """The training loss became NaN or infinite: training diverged."""
 
 
 class ArrayDataset(Dataset):
@@ -78,16 +83,31 @@ def _all_workers(totals: torch.Tensor) -> tuple[float, float, int]:
     return loss_sum / max(count, 1), correct / max(count, 1), int(count)
 
 
+def finite_on_every_worker(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every worker (all of them stop together if not)."""
+    flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def train_one_epoch(ctx: EpochContext, loader, optimizer: torch.optim.Optimizer,
                     epoch: int) -> tuple[float, float, int]:
-    """One training pass; mean loss, accuracy and images seen over all workers."""
+    """One training pass; mean loss, accuracy and images seen over all workers.
+
+    Raises:
+        NonFiniteLossError: on every worker at once, before a NaN/inf loss is stepped on.
+    """
     from tqdm.auto import tqdm
 
     train_mode(ctx.model)
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    for images, labels in tqdm(loader, desc=f"epoch {epoch + 1} train", disable=ctx.rank != 0,
-                               mininterval=10):
+    for step, (images, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1} train",
+                                                 disable=ctx.rank != 0, mininterval=10)):
         logits, loss, labels = forward_batch(ctx, images, labels)
+        if not finite_on_every_worker(loss):
+            raise NonFiniteLossError(f"the training loss became {loss.item()} at epoch {epoch + 1}, "
+                                     f"batch {step + 1} (on this worker or another)")
         optimizer.zero_grad(set_to_none=True)
         if ctx.scaler is not None:
             ctx.scaler.scale(loss).backward()

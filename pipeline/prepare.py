@@ -5,11 +5,14 @@ Writes the folder whose layout :mod:`pipeline.prepared` describes and reads.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import logging
 import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -17,7 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pipeline.config import PrepareConfig
+from pipeline.config import PrepareConfig, UserError
 from pipeline.datasets import DatasetSpec, get_dataset, is_image_name
 from pipeline.images import ImageDecodeError, load_rgb, resize
 from pipeline.prepared import (DATA_CARD, IMAGES_DIR, MANIFEST, QUARANTINE_DIR, REPORT, SPLITS,
@@ -28,7 +31,11 @@ from pipeline.utils import write_json
 log = logging.getLogger(__name__)
 
 
-class UnsafeArchiveError(ValueError):
+class ArchiveError(UserError, ValueError):
+    """The archive cannot be used as it is: not a zip, truncated, empty, or too large."""
+
+
+class UnsafeArchiveError(ArchiveError):
     """An archive member would be written outside the target folder."""
 
 
@@ -62,12 +69,61 @@ def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig, datase
     if not Path(archive).is_file():
         raise FileNotFoundError(f"archive {archive} not found: run the download stage first "
                                 "(dvc repro download)")
+    check_archive(Path(archive), cfg)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        result = _build(Path(archive), tmp, cfg, spec)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves nothing behind
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    log.info("prepared %d images (%d skipped, %d quarantined) in %s",
+             len(result.manifest), len(result.skipped), len(result.quarantined), out_dir)
+    return dataclasses.replace(result, out_dir=out_dir)
+
+
+def check_archive(archive: Path, cfg: PrepareConfig) -> None:
+    """Refuse, before extracting anything, an archive that is not a readable zip, is empty,
+    or declares more than ``cfg.max_archive_bytes`` or a compression ratio past
+    ``cfg.max_compression_ratio`` (a zip bomb)."""
+    if not zipfile.is_zipfile(archive):
+        with open(archive, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip's start without its end
+                raise ArchiveError(f"{archive} is a truncated zip (its end is missing): download "
+                                   "it again")
+        raise ArchiveError(f"{archive} is not a zip archive: download it again or point "
+                           "download.sources at a .zip")
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise ArchiveError(f"{archive} is truncated or corrupt ({exc}): download it again") from None
+    if not members:
+        raise ArchiveError(f"{archive} is an empty zip: it holds no files")
+    total = sum(m.file_size for m in members)
+    if total > cfg.max_archive_bytes:
+        raise ArchiveError(f"{archive} declares {total:,} bytes uncompressed, more than "
+                           f"prepare.max_archive_bytes ({cfg.max_archive_bytes:,}); refused before "
+                           "extracting (raise the limit if the archive is genuine)")
+    worst = max(members, key=lambda m: m.file_size / max(m.compress_size, 1))
+    ratio = worst.file_size / max(worst.compress_size, 1)
+    if ratio > cfg.max_compression_ratio:
+        raise ArchiveError(f"{archive}: member '{worst.filename}' expands {ratio:,.0f}x, more than "
+                           f"prepare.max_compression_ratio ({cfg.max_compression_ratio:g}x); a "
+                           "likely zip bomb, refused before extracting")
+
+
+def _build(archive: Path, tmp: Path, cfg: PrepareConfig, spec: DatasetSpec) -> PrepareResult:
+    """Everything :func:`prepare` writes, into ``tmp``."""
     (tmp / IMAGES_DIR).mkdir(parents=True)
     extract = _extract_npz if spec.kind == "npz" else _extract
-    records, pixels, skipped, bad = extract(Path(archive), tmp, spec, cfg.image_size)
+    try:
+        records, pixels, skipped, bad = extract(archive, tmp, spec, cfg.image_size)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise ArchiveError(f"{archive} is truncated or corrupt ({exc}): download it again") from None
     if not records:
         raise ValueError(f"no readable images found in {archive}")
     manifest = pd.DataFrame(records)
@@ -90,11 +146,7 @@ def prepare(archive: str | Path, out_dir: str | Path, cfg: PrepareConfig, datase
     report = _report(manifest, class_names, skipped, quarantined, duplicates, cfg)
     write_json(tmp / REPORT, report)
     (tmp / DATA_CARD).write_text(data_card(spec, manifest, report, duplicates))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    log.info("prepared %d images (%d skipped, %d quarantined) in %s",
-             len(manifest), len(skipped), len(quarantined), out_dir)
-    return PrepareResult(out_dir, manifest, class_names, skipped, quarantined)
+    return PrepareResult(tmp, manifest, class_names, skipped, quarantined)
 
 
 def _groups_from_csv(paths: pd.Series, csv: Path) -> pd.Series:
@@ -206,9 +258,20 @@ def _write_arrays(manifest: pd.DataFrame, pixels: list[np.ndarray], root: Path) 
     for split in SPLITS:
         rows = np.flatnonzero(manifest["split"].to_numpy() == split)
         stack = [pixels[r] for r in manifest["row"].to_numpy()[rows]]
-        np.save(root / array_file(split), np.stack(stack) if stack else np.zeros((0, *pixels[0].shape), np.uint8))
+        _save_array(root / array_file(split),
+                    np.stack(stack) if stack else np.zeros((0, *pixels[0].shape), np.uint8))
         manifest.loc[rows, "index"] = np.arange(len(rows))
     return manifest.drop(columns="row")
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    """``np.save``, with numpy's errno-less short write turned into the disk-full error it is."""
+    try:
+        np.save(path, array)
+    except OSError as exc:
+        if exc.errno is not None:
+            raise
+        raise OSError(errno.ENOSPC, f"short write to {path} ({exc})") from None
 
 
 def _report(manifest: pd.DataFrame, class_names: list[str], skipped: list[str],

@@ -24,8 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.augment import load_policy
-from pipeline.config import TrainConfig, flatten
-from pipeline.engine import ArrayDataset, EpochContext, collate, evaluate_epoch, train_one_epoch
+from pipeline.config import TrainConfig, UserError, flatten
+from pipeline.engine import (ArrayDataset, EpochContext, NonFiniteLossError, collate, evaluate_epoch,
+                             train_one_epoch)
 from pipeline.inference import ModelMeta, save_checkpoint
 from pipeline.models import create_model, model_info
 from pipeline.optim import EarlyStopping, build_loss, build_optimizer, build_scheduler
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
+DIVERGED = "diverged"  # the run tag rank 0 sets when the loss stopped being finite
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; no model came out of the run."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,14 @@ def train(
             "train": ray.put((np.asarray(train_split.images), train_split.labels)),
             "val": ray.put((np.asarray(val_split.images), val_split.labels)),
         }
-        best = _best_checkpoint(_trainer(cfg, store, loop_config).fit(), out_dir / MODEL_FILE)
+        result = _trainer(cfg, store, loop_config).fit()
+        diverged = mlflow.get_run(run.info.run_id).data.tags.get(DIVERGED)
+        if diverged:
+            store.delete()  # resuming would diverge again
+            raise TrainingDiverged(f"training diverged: {diverged}; no model was "
+                                   f"saved or logged. Lower train.lr (now {cfg.lr:g}) or check the "
+                                   "data, then run again")
+        best = _best_checkpoint(result, out_dir / MODEL_FILE)
         history = run_history(run.info.run_id)
         mlflow.log_metrics({"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                             "best_val_acc": best["val_acc"]})
@@ -164,7 +177,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         lr = state.optimizer.param_groups[0]["lr"]
-        train_loss, train_acc, n_seen = train_one_epoch(epoch_ctx, train_loader, state.optimizer, epoch)
+        try:
+            train_loss, train_acc, n_seen = train_one_epoch(epoch_ctx, train_loader, state.optimizer,
+                                                            epoch)
+        except NonFiniteLossError as exc:  # not a worker failure: retrying would diverge again
+            if mlflow_run is not None:  # every worker stops here together; rank 0 records why
+                client, run_id = mlflow_run
+                client.set_tag(run_id, DIVERGED, str(exc))
+            return
         state.scheduler.step()
         elapsed = time.perf_counter() - t0
         val_loss, val_acc = evaluate_epoch(epoch_ctx, val_loader, epoch)

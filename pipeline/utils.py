@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -108,6 +109,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 DEBUG_ENV = "PIPELINE_DEBUG"
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -118,6 +120,7 @@ def is_user_error(exc: BaseException) -> bool:
     mlflow_errors = sys.modules.get("mlflow.exceptions")
     return (isinstance(exc, (UserError, FileNotFoundError, PermissionError, IsADirectoryError,
                              ValueError))
+            or (isinstance(exc, OSError) and exc.errno in DISK_FULL)
             or (mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException)))
 
 
@@ -130,5 +133,8 @@ def run_cli(func: Callable[[], Any]) -> Any:
         if os.environ.get(DEBUG_ENV) or not is_user_error(exc):
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            message = (f"no room to write the output ({message}); nothing half-written was kept: "
+                       "free disk space (or raise the file-size limit) and run again")
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(1) from None

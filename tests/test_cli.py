@@ -96,3 +96,24 @@ def test_the_traceback_is_there_on_request(tmp_path):
 def test_version():
     proc = subprocess.run(pipeline_cli() + ["--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("pipeline ")
+
+
+def test_a_full_disk_while_writing_a_stage_output_leaves_no_partial_output(tmp_path, synthetic_zip):
+    """RLIMIT_FSIZE stands in for a full disk without root: writes past it fail with EFBIG."""
+    import resource
+    import signal
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    _params(tmp_path, prepare={"image_size": 32})
+    (tmp_path / "data").mkdir()
+    argv = stage("prepare") + [str(synthetic_zip), "data/prepared", "reports/data_card.md"]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_disk, env={**os.environ, "PIPELINE_DEBUG": ""})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: no room to write the output") and "train.npy" in last
+    assert list((tmp_path / "data").iterdir()) == []
+    assert not (tmp_path / "reports").exists()

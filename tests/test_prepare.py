@@ -75,3 +75,61 @@ def test_empty_archive_is_a_clear_error(tmp_path):
         zf.writestr("cell_images/Parasitized/Thumbs.db", b"x")
     with pytest.raises(ValueError, match="no readable images"):
         prepare(archive, tmp_path / "out", PrepareConfig(), "malaria")
+
+
+def _bad_archive(kind: str, folder, synthetic_zip):
+    """An archive with one fault, and the words its error must contain."""
+    path = folder / f"{kind}.zip"
+    if kind == "bomb-ratio":  # 64 MB of zeros deflate to ~64 KB: ~1000x
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("cell_images/Parasitized/C1P1_bomb.png", bytes(64 << 20))
+        return path, "likely zip bomb"
+    if kind == "bomb-size":  # declares more than the limit the test sets (1 MB)
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr("cell_images/Parasitized/C1P1_big.png", np.random.default_rng(0).bytes(2 << 20))
+        return path, "prepare.max_archive_bytes"
+    if kind == "truncated":
+        data = synthetic_zip.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return path, "truncated zip"
+    if kind == "corrupt-member":
+        data = bytearray(synthetic_zip.read_bytes())
+        with zipfile.ZipFile(synthetic_zip) as zf:
+            m = next(m for m in zf.infolist() if m.filename.endswith(".png") and m.compress_size > 200)
+        start = m.header_offset + 30 + len(m.filename.encode()) + len(m.extra) + 50
+        data[start:start + 64] = bytes(64)
+        path.write_bytes(bytes(data))
+        return path, "truncated or corrupt"
+    if kind == "not-a-zip":
+        path.write_text("<html>404 not found</html>")
+        return path, "is not a zip archive"
+    with zipfile.ZipFile(path, "w"):
+        pass
+    return path, "empty zip"
+
+
+@pytest.mark.parametrize("kind", ["bomb-ratio", "bomb-size", "truncated", "corrupt-member", "not-a-zip",
+                                  "empty"])
+def test_a_bad_archive_is_refused_clearly_and_leaves_nothing(kind, tmp_path, synthetic_zip):
+    from pipeline.prepare import ArchiveError
+
+    archive, words = _bad_archive(kind, tmp_path, synthetic_zip)
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = PrepareConfig(image_size=16, max_archive_bytes=1 << 20 if kind == "bomb-size" else 8 << 30)
+    with pytest.raises(ArchiveError, match=words):
+        prepare(archive, work / "prepared", cfg, "malaria")
+    assert list(work.iterdir()) == []  # no prepared folder, no prepared.tmp
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([archive.name, "work"])
+
+
+def test_a_failure_midway_removes_the_temporary_folder(tmp_path, synthetic_zip, monkeypatch):
+    from pipeline import prepare as prepare_module
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare_module, "_write_arrays", fail)
+    with pytest.raises(OSError, match="No space left"):
+        prepare(synthetic_zip, tmp_path / "prepared", PrepareConfig(image_size=16), "malaria")
+    assert list(tmp_path.iterdir()) == []

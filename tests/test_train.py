@@ -132,3 +132,27 @@ def test_same_params_and_seed_give_the_same_validation_metrics(prepared_medium, 
     b = train(cfg, POLICY, prepared_medium, tmp_path / "b", "tests-repeat")
     assert a.history["val_loss"].iloc[-1] == pytest.approx(b.history["val_loss"].iloc[-1], abs=1e-4)
     assert a.history["val_acc"].iloc[-1] == pytest.approx(b.history["val_acc"].iloc[-1], abs=1e-3)
+
+
+def test_a_diverging_loss_stops_the_run_clearly_with_no_model_and_the_champion_untouched(
+        prepared_synthetic, tmp_path, tracking_uri, ray_local, model_uris):
+    from pipeline.config import RegisterConfig
+    from pipeline.registry import promote
+    from pipeline.train import TrainingDiverged
+
+    promote(RegisterConfig(), "diverge-test", model_uris(), {"roc_auc": 0.9}, "s", lambda c: None)
+    # AdamW's decoupled weight decay at lr 1e10 multiplies every weight by -1e9 a step:
+    # they overflow, and the loss is NaN within a few steps (seeded, the same every run).
+    cfg = _cfg(tmp_path, model="baseline_cnn", pretrained=False, regime="scratch", lr=1e10,
+               weight_decay=0.1, epochs=5, batch_size=16, max_failures=2)
+    with pytest.raises(TrainingDiverged, match=r"training diverged: the training loss became nan .*"
+                                               r"Lower train.lr \(now 1e\+10\)"):
+        train(cfg, policy(AugmentConfig(), 32), prepared_synthetic, tmp_path / "out", "tests-diverge")
+    assert not (tmp_path / "out" / "model.pt").exists()
+    assert list((tmp_path / "ray").iterdir()) == []  # nothing to resume into the same divergence
+    client = mlflow.MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("tests-diverge").experiment_id])[0]
+    assert run.info.status == "FAILED" and "nan" in run.data.tags["diverged"]
+    assert not mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    champion = client.get_model_version_by_alias("diverge-test", "champion")
+    assert str(champion.version) == "1" and len(client.search_model_versions("name='diverge-test'")) == 1
