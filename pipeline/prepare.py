@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from pipeline import datacard
 from pipeline.config import PrepareConfig, UserError
 from pipeline.datasets import DatasetSpec, get_dataset, is_image_name
 from pipeline.images import ImageDecodeError, load_rgb, resize
@@ -143,9 +144,9 @@ def _build(archive: Path, tmp: Path, cfg: PrepareConfig, spec: DatasetSpec) -> P
     quarantined = pd.DataFrame(bad, columns=["path", "reason"])
     quarantined.to_csv(tmp / QUARANTINE_DIR / "quarantine.csv", index=False) if bad else None
     manifest.to_parquet(tmp / MANIFEST, index=False)
-    report = _report(manifest, class_names, skipped, quarantined, duplicates, cfg)
+    report = datacard.report(manifest, class_names, skipped, quarantined, duplicates, cfg)
     write_json(tmp / REPORT, report)
-    (tmp / DATA_CARD).write_text(data_card(spec, manifest, report, duplicates))
+    (tmp / DATA_CARD).write_text(datacard.data_card(spec, manifest, report, duplicates))
     return PrepareResult(tmp, manifest, class_names, skipped, quarantined)
 
 
@@ -272,47 +273,3 @@ def _save_array(path: Path, array: np.ndarray) -> None:
         if exc.errno is not None:
             raise
         raise OSError(errno.ENOSPC, f"short write to {path} ({exc})") from None
-
-
-def _report(manifest: pd.DataFrame, class_names: list[str], skipped: list[str],
-            quarantined: pd.DataFrame, duplicates: pd.DataFrame, cfg: PrepareConfig) -> dict:
-    counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
-    return {
-        "class_names": class_names,
-        "image_size": cfg.image_size,
-        "n_images": len(manifest),
-        "n_skipped_non_images": len(skipped),
-        "skipped": skipped,
-        "n_quarantined": len(quarantined),
-        "quarantined": quarantined.to_dict(orient="records"),
-        "per_split": {s: {c: int(counts.at[s, c]) if s in counts.index and c in counts.columns else 0
-                          for c in class_names} for s in SPLITS},
-        "patients_per_split": manifest.groupby("split")["patient_id"].nunique().to_dict(),
-        "n_cross_split_duplicates": int(duplicates["sha256"].nunique()),
-        "duplicates_dropped": cfg.drop_duplicates,
-        "size_quantiles": manifest[["width", "height"]].quantile([0, 0.25, 0.5, 0.75, 1]).to_dict(),
-    }
-
-
-def data_card(spec: DatasetSpec, manifest: pd.DataFrame, report: dict, duplicates: pd.DataFrame) -> str:
-    """A human-readable card of the prepared dataset (markdown)."""
-    counts = manifest.groupby(["label", "split"]).size().unstack(fill_value=0).reindex(columns=list(SPLITS), fill_value=0)
-    groups = manifest.groupby("split")["patient_id"].nunique().reindex(list(SPLITS), fill_value=0)
-    sizes = manifest[["width", "height"]].describe(percentiles=[0.05, 0.5, 0.95]).T.round(1)
-    lines = [f"# Data card: {spec.name}", "",
-             f"Licence: {spec.licence or 'see the source'}. Images: {len(manifest)}; "
-             f"resized to {report['image_size']} px for training.", "",
-             "## Images per class and split", "", counts.to_markdown(), "",
-             "## Patients / groups per split", "", groups.to_frame("groups").to_markdown(), "",
-             "Groups never cross splits." if spec.kind == "archive" else
-             "The dataset's official split is kept as it is.", "",
-             "## Original image size (pixels)", "", sizes.to_markdown(), "",
-             f"## Skipped non-image files ({report['n_skipped_non_images']})", ""]
-    lines += [f"- `{s}`" for s in report["skipped"][:50]] + [""]
-    lines += [f"## Quarantined unreadable images ({report['n_quarantined']})", ""]
-    lines += [f"- `{q['path']}`: {q['reason']}" for q in report["quarantined"][:50]] + [""]
-    lines += [f"## Identical images in more than one split ({report['n_cross_split_duplicates']})", "",
-              "Dropped from the later split." if report["duplicates_dropped"] else
-              "Kept (set `prepare.drop_duplicates: true` to drop them from the later split).", ""]
-    lines += [f"- `{r.path}` ({r.split})" for r in duplicates.head(50).itertuples()] + [""]
-    return "\n".join(lines)

@@ -7,18 +7,21 @@ The model itself (what it accepts, how it is logged) lives in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from pipeline.config import RegisterConfig
+from pipeline.config import RegisterConfig, UserError
 from pipeline.metrics import is_better
 from pipeline.prepared import PreparedData
 from pipeline.serving import CONTRACT, metrics_on_split
@@ -173,6 +176,12 @@ def promote(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[s
         raise ValueError(f"register.metric '{cfg.metric}' is not among the test metrics "
                          f"{sorted(k for k, v in test_metrics.items() if isinstance(v, float))}")
     value = float(test_metrics[cfg.metric])
+    with registry_lock(name):  # two registers of one model never interleave
+        return _promote_locked(client, cfg, name, model_uri, value, split_id, compare_on_unseen, tags)
+
+
+def _promote_locked(client, cfg: RegisterConfig, name: str, model_uri: str, value: float, split_id: str,
+                    compare_on_unseen, tags: dict[str, str] | None) -> RegisterResult:
     champion = _current(client, name, cfg.alias)
     mv = mlflow.register_model(model_uri, name)
     tags = {**(tags or {}), "split_id": split_id, "run_id": mv.run_id or "",
@@ -210,6 +219,53 @@ def _against_champion(result: RegisterResult, champion, cfg: RegisterConfig, spl
     promoted = is_better(cfg.metric, value, champ_value, cfg.margin)
     return dataclasses.replace(result, value=value, champion_before=before,
                                champion_value=champ_value, promoted=promoted, basis=basis)
+
+
+LOCK_SUFFIX = ".register-lock"
+
+
+class RegistryBusy(UserError):
+    """Another register of the same model holds the lock for too long."""
+
+
+@contextlib.contextmanager
+def registry_lock(name: str, timeout_s: float = 600.0, stale_s: float = 3600.0) -> Iterator[None]:
+    """Hold the registry's lock on model ``name`` (a registered model ``<name>.register-lock``).
+
+    Creating a registered model is atomic in every MLflow store (a unique name), so this is
+    a mutex across processes and machines that share the tracking server. A lock older
+    than ``stale_s`` (its holder died) is broken.
+    """
+    client = mlflow.MlflowClient()
+    lock = f"{name}{LOCK_SUFFIX}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(lock, description=f"held while a register of '{name}' "
+                                           "runs; delete it only if none is running")
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        if time.monotonic() > deadline:
+            raise RegistryBusy(f"registered model '{lock}' has been held for over {timeout_s:g} s "
+                               "by another register; if none is running, delete it in the MLflow UI")
+        if _stale(client, lock, stale_s):
+            with contextlib.suppress(MlflowException):  # another waiter may break it first
+                client.delete_registered_model(lock)
+        time.sleep(0.1 + random.random() * 0.2)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
+
+
+def _stale(client, lock: str, stale_s: float) -> bool:
+    try:
+        created = client.get_registered_model(lock).creation_timestamp / 1000
+    except MlflowException:
+        return False  # released meanwhile
+    return time.time() - created > stale_s
 
 
 def rollback(name: str, alias: str = "champion", to: str | None = None) -> tuple[str, str]:

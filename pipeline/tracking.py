@@ -7,10 +7,21 @@ decided here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
+from pipeline.config import UserError
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# MLflow's client otherwise retries a dead server for minutes before saying anything:
+# about 10 s of retries bound how long a run waits to learn that the server is gone.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+class TrackingUnavailable(UserError):
+    """The MLflow tracking server cannot be reached."""
 
 
 def tracking_uri() -> str:
@@ -24,11 +35,55 @@ def tracking_uri() -> str:
 
 def setup_mlflow(experiment: str | None = None, uri: str | None = None) -> str:
     """Point MLflow at ``uri`` (default :func:`tracking_uri`) and select ``experiment``
-    if given; return the URI."""
+    if given; return the URI.
+
+    Raises:
+        TrackingUnavailable: a tracking server that does not answer, named, within seconds.
+    """
     import mlflow
 
+    for key, value in HTTP_DEFAULTS.items():  # before any request; Ray workers inherit them
+        os.environ.setdefault(key, value)
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if is_remote(uri) and not reachable(uri):
+        raise TrackingUnavailable(f"the MLflow tracking server {uri} does not answer: start it, or "
+                                  "set MLFLOW_TRACKING_URI to one that runs (unset: a local mlflow.db)")
     if experiment:
         mlflow.set_experiment(experiment)
     return uri
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` is a tracking server (HTTP) rather than a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
+def reachable(uri: str) -> bool:
+    """Whether the tracking store at ``uri`` answers a request now."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        return True
+    except (MlflowException, OSError):
+        return False
+
+
+def end_failed_run(uri: str, exc: BaseException, kept: str) -> None:
+    """End the active run as FAILED; if the tracking server is gone, say so instead.
+
+    Raises:
+        TrackingUnavailable: the server went away mid-run; ``kept`` says what a re-run resumes from.
+    """
+    import mlflow
+
+    if is_remote(uri) and not reachable(uri):
+        with contextlib.suppress(Exception):  # forgets the run here; the server keeps it RUNNING
+            mlflow.end_run(status="FAILED")
+        raise TrackingUnavailable(
+            f"lost the MLflow tracking server {uri} during training ({type(exc).__name__}); {kept}: "
+            "start the server again and re-run, training resumes from the last checkpoint in the "
+            "same MLflow run") from exc
+    mlflow.end_run(status="FAILED")

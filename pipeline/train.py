@@ -34,7 +34,7 @@ from pipeline.prepared import PreparedData
 from pipeline.regimes import apply_regime
 from pipeline.runs import RUN_ID_FILE, RunStore, previous_run_id, run_history, run_store
 from pipeline.serving import log_model
-from pipeline.tracking import setup_mlflow
+from pipeline.tracking import end_failed_run, setup_mlflow
 from pipeline.utils import atomic_path, init_ray, seed_everything
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,9 @@ def train(
     params = flatten({"train": asdict(cfg), **(extra_params or {})})
     params["augment.policy"] = ",".join(t["__class_fullname__"] for t in policy["transform"]["transforms"])
     store = run_store(cfg.storage_path, cfg.model, params, data)
-    with mlflow.start_run(run_id=previous_run_id(store), run_name="train",
-                          log_system_metrics=cfg.system_metrics) as run:
+    run = mlflow.start_run(run_id=previous_run_id(store), run_name="train",
+                           log_system_metrics=cfg.system_metrics)
+    try:
         store.write(RUN_ID_FILE, run.info.run_id)
         mlflow.log_params({**params, "n_train": len(train_split), "n_val": len(val_split),
                            "class_names": ",".join(data.class_names), "image_size": meta.image_size})
@@ -109,6 +110,10 @@ def train(
                             "best_val_acc": best["val_acc"]})
         mlflow.log_artifact(str(out_dir / MODEL_FILE), artifact_path="checkpoint")
         model_uri = log_model(out_dir / MODEL_FILE, np.asarray(train_split.images[0]), data.class_names)
+    except BaseException as exc:
+        end_failed_run(uri, exc, kept=f"the checkpoints are kept in {store.storage}/{store.name}")
+        raise
+    mlflow.end_run()
     # The run finished: a later run with the same settings starts afresh.
     store.delete()
     log.info("best epoch %d: val_loss %.4f val_acc %.4f", best["epoch"], best["val_loss"],

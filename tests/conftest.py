@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -36,6 +40,45 @@ def wait_for(check, timeout: float, what: str) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{what} not ready after {timeout} s")
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start a process in its own process group (so it can be stopped with everything it spawned)."""
+    from pipeline.project import dvc_env
+
+    return subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                            env=env or dvc_env(), start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process started by :func:`start`, and its children."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start_mlflow_server(backend: str, root: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """An MLflow tracking server on 127.0.0.1:``port`` over ``backend``, artifacts under ``root``."""
+    from pipeline.project import dvc_env
+
+    env = {**dvc_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = start([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend,
+                  "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                 root / "mlflow.log", env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 120,
+                 "MLflow server")
+    except TimeoutError:
+        stop(proc)
+        raise
+    return proc, url
 
 
 def check_champion_on_server(server: str, monkeypatch) -> None:

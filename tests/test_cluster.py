@@ -15,27 +15,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.project import dvc_env, scaffold
-from tests.conftest import SAMPLE_SHA256, check_champion_on_server, free_port, wait_for
+from tests.conftest import (SAMPLE_SHA256, check_champion_on_server, free_port, start,
+                            start_mlflow_server, stop, wait_for)
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    """Start a process in its own process group (so it can be stopped with everything it spawned)."""
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=env or dvc_env(), start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture()
@@ -65,16 +49,8 @@ def postgres():
 
 @pytest.fixture()
 def mlflow_server(postgres, tmp_path):
-    port = free_port()
-    env = {**dvc_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = start([str(BIN / "mlflow"), "server", "--backend-store-uri", postgres,
-                  "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts",
-                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                 tmp_path / "mlflow.log", env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_mlflow_server(postgres, tmp_path, free_port())
     try:
-        wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 120,
-                 "MLflow server")
         yield url
     finally:
         stop(proc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import mlflow
 import pytest
 
@@ -160,3 +162,47 @@ def test_a_split_made_only_of_the_champions_training_patients_is_refused(model_u
                                "Parasitized")
     assert not result.promoted and "trained on all" in result.refused
     assert "pipeline rollback" in result.refused and str(champion.version) == result.champion_before
+
+
+@pytest.mark.parametrize("slow_writer", ["better", "worse"])
+def test_two_registers_racing_record_both_and_crown_the_better(model_uris, slow_writer, monkeypatch):
+    """The dangerous interleaving, forced: both racers read the same champion, then one sets
+    the alias late. Without the registry lock the late writer wins even when it is worse."""
+    import threading
+
+    from pipeline import registry
+
+    name = f"race-{slow_writer}"
+    promote(CFG, name, model_uris(), _metrics(0.50), "s", lambda c: pytest.fail())
+    uris = {"better": model_uris(), "worse": model_uris()}
+    read_champion, set_alias = registry._current, mlflow.MlflowClient.set_registered_model_alias
+
+    def slow_read(*args):
+        champion = read_champion(*args)
+        time.sleep(0.5)  # the other racer reads the same champion meanwhile, unless locked out
+        return champion
+
+    def late_set(self, *args):
+        if threading.current_thread().name == slow_writer:
+            time.sleep(1.0)
+        return set_alias(self, *args)
+
+    monkeypatch.setattr(registry, "_current", slow_read)
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", late_set)
+    results, start = {}, threading.Barrier(2)
+
+    def racer(which: str, value: float) -> None:
+        start.wait()
+        results[which] = promote(CFG, name, uris[which], _metrics(value), "s", lambda c: pytest.fail())
+
+    threads = [threading.Thread(target=racer, args=("better", 0.90), name="better"),
+               threading.Thread(target=racer, args=("worse", 0.70), name="worse")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    client = mlflow.MlflowClient()
+    assert len(client.search_model_versions(f"name='{name}'")) == 3  # both recorded
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert str(champion.version) == results["better"].version
+    assert not client.search_registered_models(f"name='{name}{registry.LOCK_SUFFIX}'")  # released

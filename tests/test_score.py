@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import zipfile
 
 import mlflow
@@ -238,3 +239,40 @@ def test_unreadable_images_anywhere_in_the_input_get_error_rows(container, ray_l
     assert "not a readable image" in errors["zzz_corrupt.png"]
     assert errors.drop(list(bad)).isna().all()
     assert table.set_index("path").loc[list(bad), "predicted_label"].isna().all()
+
+
+@pytest.mark.slow
+def test_a_scoring_actor_killed_mid_job_still_scores_every_input_exactly_once(ray_local, champion,
+                                                                             tmp_path):
+    import threading
+
+    import psutil
+
+    rng = np.random.default_rng(11)
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(400):
+        (root / f"cell_{i:04d}.png").write_bytes(png_bytes(synthetic_cell(rng, i % 2 == 0, 48)))
+    out = tmp_path / "out.parquet"
+    killed = []
+
+    def kill_the_predictor() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if "BatchPredictor" in " ".join(proc.info["cmdline"] or []):
+                    time.sleep(1.0)  # let it score some batches first
+                    proc.kill()
+                    killed.append(proc.info["pid"])
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_predictor, daemon=True)
+    killer.start()
+    result = score(ScoreConfig(input=str(root), batch_size=8), champion, out)
+    killer.join(timeout=5)
+    assert killed, "no predictor actor was found to kill"
+    table = pd.read_parquet(out)
+    assert len(table) == result.n_images == 400
+    assert table["path"].nunique() == 400 and set(table["path"]) == {p.name for p in root.iterdir()}
+    assert table["error"].isna().all()

@@ -1,0 +1,78 @@
+"""tracking: a dead tracking server fails a run at once, naming it; a server lost mid-run
+keeps the checkpoints and a re-run resumes in the same MLflow run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import mlflow
+import pytest
+import yaml
+
+from pipeline.augment import policy, save_policy
+from pipeline.config import AugmentConfig, TrainConfig
+from tests.conftest import REPO, free_port, start_mlflow_server, stop
+
+
+def test_a_dead_server_fails_the_train_stage_at_once_naming_it(prepared_synthetic, tmp_path):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    save_policy(AugmentConfig(), 32, tmp_path / "augment.yaml")
+    dead = f"http://127.0.0.1:{free_port()}"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), str(prepared_synthetic),
+                           "augment.yaml", "models", "train.json", "history.csv"], cwd=tmp_path,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": dead}, capture_output=True,
+                          text=True, timeout=300)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last == (f"error: the MLflow tracking server {dead} does not answer: start it, or set "
+                    "MLFLOW_TRACKING_URI to one that runs (unset: a local mlflow.db)")
+    assert elapsed < 60, elapsed  # the client's default retries would take minutes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["augment.yaml", "params.yaml"]  # no training
+
+
+@pytest.mark.slow
+def test_a_server_lost_mid_run_keeps_checkpoints_and_a_rerun_resumes(prepared_synthetic, tmp_path,
+                                                                    ray_local, monkeypatch):
+    from pipeline.tracking import TrackingUnavailable
+    from pipeline.train import train
+
+    port, backend = free_port(), f"sqlite:///{tmp_path / 'server.db'}"
+    server, url = start_mlflow_server(backend, tmp_path, port)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    previous = mlflow.get_tracking_uri()
+    cfg = TrainConfig(model="baseline_cnn", pretrained=False, regime="scratch", epochs=4, batch_size=16,
+                      num_workers=1, max_failures=0, system_metrics=False,
+                      storage_path=str(tmp_path / "ray"))
+    killed = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((tmp_path / "ray").glob("*/checkpoint_*")):
+            time.sleep(0.05)
+        stop(server)
+        killed.append(time.time())
+
+    try:
+        threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
+        with pytest.raises(TrackingUnavailable, match=f"lost the MLflow tracking server {url} during "
+                                                      "training.*checkpoints are kept"):
+            train(cfg, policy(AugmentConfig(), 32), prepared_synthetic, tmp_path / "out", "tests-lost")
+        assert killed and list((tmp_path / "ray").glob("*/checkpoint_*"))  # kept for the re-run
+        server, _ = start_mlflow_server(backend, tmp_path, port)
+        result = train(cfg, policy(AugmentConfig(), 32), prepared_synthetic, tmp_path / "out",
+                       "tests-lost")
+        assert result.history["epoch"].tolist() == [1, 2, 3, 4]
+        runs = mlflow.MlflowClient(url).search_runs(
+            [mlflow.MlflowClient(url).get_experiment_by_name("tests-lost").experiment_id])
+        assert [r.info.run_id for r in runs] == [result.run_id]  # one run, resumed
+        assert not list((tmp_path / "ray").iterdir())
+    finally:
+        stop(server)
+        mlflow.set_tracking_uri(previous)
