@@ -186,8 +186,18 @@ def packaged_code(dest: Path) -> Path:
     return target
 
 
+# The file MLflow loads as the model ("models from code"): it only declares the pyfunc.
+MODEL_CODE = '''"""The model file MLflow runs on load: the pyfunc instance, nothing else."""
+from mlflow.models import set_model
+
+from pipeline.serving import CellClassifier
+
+set_model(CellClassifier())
+'''
+
+
 def log_model(checkpoint: str | Path, example: np.ndarray, class_names: Sequence[str]) -> str:
-    """Log the pyfunc (as code: :mod:`pipeline.served_model`) to the active run; return its URI."""
+    """Log the pyfunc, as code (:data:`MODEL_CODE`), to the active run; return its URI."""
     import io
     import tempfile
 
@@ -196,9 +206,11 @@ def log_model(checkpoint: str | Path, example: np.ndarray, class_names: Sequence
     buf = io.BytesIO()
     Image.fromarray(example).save(buf, format="PNG")
     with tempfile.TemporaryDirectory() as d:
+        model_code = Path(d) / "served_model.py"
+        model_code.write_text(MODEL_CODE)
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            python_model=str(Path(__file__).with_name("served_model.py")),
+            python_model=str(model_code),
             artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(packaged_code(Path(d)))],
             signature=signature(class_names),

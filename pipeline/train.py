@@ -30,7 +30,7 @@ from pipeline.engine import (ArrayDataset, EpochContext, NonFiniteLossError, col
 from pipeline.inference import ModelMeta, save_checkpoint
 from pipeline.models import create_model, model_info
 from pipeline.optim import EarlyStopping, build_loss, build_optimizer, build_scheduler
-from pipeline.prepared import PreparedData
+from pipeline.prepared import PreparedData, Split
 from pipeline.regimes import apply_regime
 from pipeline.runs import RUN_ID_FILE, RunStore, previous_run_id, run_history, run_store
 from pipeline.serving import log_model
@@ -73,7 +73,6 @@ def train(
     (:func:`pipeline.augment.policy`, or the file the ``augment`` stage wrote).
     """
     import mlflow
-    import ray
 
     data, out_dir = PreparedData(Path(prepared).resolve()), Path(out_dir)
     train_split, val_split = data.split("train"), data.split("val")
@@ -91,12 +90,9 @@ def train(
         mlflow.log_params({**params, "n_train": len(train_split), "n_val": len(val_split),
                            "class_names": ",".join(data.class_names), "image_size": meta.image_size})
         mlflow.log_dict(policy, "augment_policy.yaml")
-        loop_config = {
-            "cfg": cfg, "policy": policy, "meta": meta, "tracking_uri": uri,
-            "run_id": run.info.run_id,
-            "train": ray.put((np.asarray(train_split.images), train_split.labels)),
-            "val": ray.put((np.asarray(val_split.images), val_split.labels)),
-        }
+        loop_config = {"cfg": cfg, "policy": policy, "meta": meta, "tracking_uri": uri,
+                       "run_id": run.info.run_id, "train": _to_object_store(train_split),
+                       "val": _to_object_store(val_split)}
         result = _trainer(cfg, store, loop_config).fit()
         diverged = mlflow.get_run(run.info.run_id).data.tags.get(DIVERGED)
         if diverged:
@@ -119,6 +115,13 @@ def train(
     log.info("best epoch %d: val_loss %.4f val_acc %.4f", best["epoch"], best["val_loss"],
              best["val_acc"])
     return TrainResult(out_dir / MODEL_FILE, run.info.run_id, model_uri, int(best["epoch"]), history)
+
+
+def _to_object_store(split: Split):
+    """One split's images and labels in Ray's object store, shared by the workers of a node."""
+    import ray
+
+    return ray.put((np.asarray(split.images), split.labels))
 
 
 def _trainer(cfg: TrainConfig, store: RunStore, loop_config: dict[str, Any]):
