@@ -42,6 +42,20 @@ def wait_for(check, timeout: float, what: str) -> None:
     raise TimeoutError(f"{what} not ready after {timeout} s")
 
 
+def has_committed_checkpoint(storage: Path) -> bool:
+    """Whether a Ray Train run under ``storage`` has committed a checkpoint: listed in its
+    checkpoint manager's snapshot, which is what a restarted run resumes from. (A
+    ``checkpoint_*`` folder appears before it is committed; a driver killed in between
+    resumes from the checkpoint before it.)"""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if "checkpoint_" in snapshot.read_text():
+                return True
+        except OSError:  # replaced while we looked
+            pass
+    return False
+
+
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     """Start a process in its own process group (so it can be stopped with everything it spawned)."""
     from pipeline.project import dvc_env

@@ -15,7 +15,7 @@ import yaml
 
 from pipeline.augment import policy, save_policy
 from pipeline.config import AugmentConfig, TrainConfig
-from tests.conftest import REPO, free_port, start_mlflow_server, stop
+from tests.conftest import REPO, free_port, has_committed_checkpoint, start_mlflow_server, stop
 
 
 def test_a_dead_server_fails_the_train_stage_at_once_naming_it(prepared_synthetic, tmp_path):
@@ -54,7 +54,7 @@ def test_a_server_lost_mid_run_keeps_checkpoints_and_a_rerun_resumes(prepared_sy
 
     def kill_after_first_checkpoint() -> None:
         deadline = time.time() + 300
-        while time.time() < deadline and not list((tmp_path / "ray").glob("*/checkpoint_*")):
+        while time.time() < deadline and not has_committed_checkpoint(tmp_path / "ray"):
             time.sleep(0.05)
         stop(server)
         killed.append(time.time())
@@ -64,7 +64,7 @@ def test_a_server_lost_mid_run_keeps_checkpoints_and_a_rerun_resumes(prepared_sy
         with pytest.raises(TrackingUnavailable, match=f"lost the MLflow tracking server {url} during "
                                                       "training.*checkpoints are kept"):
             train(cfg, policy(AugmentConfig(), 32), prepared_synthetic, tmp_path / "out", "tests-lost")
-        assert killed and list((tmp_path / "ray").glob("*/checkpoint_*"))  # kept for the re-run
+        assert killed and has_committed_checkpoint(tmp_path / "ray")  # kept for the re-run
         server, _ = start_mlflow_server(backend, tmp_path, port)
         result = train(cfg, policy(AugmentConfig(), 32), prepared_synthetic, tmp_path / "out",
                        "tests-lost")
