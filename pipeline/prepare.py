@@ -114,7 +114,8 @@ def check_archive(archive: Path, cfg: PrepareConfig) -> None:
     if ratio > cfg.max_compression_ratio:
         raise ArchiveError(f"{archive}: member '{worst.filename}' expands {ratio:,.0f}x, more than "
                            f"prepare.max_compression_ratio ({cfg.max_compression_ratio:g}x); a "
-                           "likely zip bomb, refused before extracting")
+                           "likely zip bomb, refused before extracting (uncompressed BMP/TIFF cells "
+                           "can compress that well: raise the limit if the archive is genuine)")
 
 
 def _build(archive: Path, tmp: Path, cfg: PrepareConfig, spec: DatasetSpec) -> PrepareResult:

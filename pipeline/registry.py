@@ -76,7 +76,7 @@ def register(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[
     setup_mlflow(experiment)
     data = PreparedData(prepared)
     groups = training_groups(data)
-    test_groups = set(data.split("test").groups)
+    test_groups = {str(g) for g in data.split("test").groups}
 
     def compare_on_unseen(champion) -> tuple[float, float, str]:
         unseen = sorted(test_groups - champion_training_groups(champion))
@@ -94,10 +94,9 @@ def register(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[
         return new, old, f"{len(unseen)} test patients neither model trained on"
 
     tags = {**provenance(data, test_metrics), "train_groups_sha256": groups_digest(groups)}
-    result = promote(cfg, name, model_uri, test_metrics, data.split_id("test"), compare_on_unseen, tags)
-    client = mlflow.MlflowClient()
-    client.log_dict(result_run_id(name, result.version), {"groups": groups}, TRAIN_GROUPS_ARTIFACT)
-    client.update_registered_model(name, description=model_description(data.class_names, cfg))
+    result = promote(cfg, name, model_uri, test_metrics, data.split_id("test"), compare_on_unseen, tags,
+                     run_files={TRAIN_GROUPS_ARTIFACT: {"groups": groups}})
+    mlflow.MlflowClient().update_registered_model(name, description=model_description(data.class_names, cfg))
     return result
 
 
@@ -140,11 +139,6 @@ def champion_training_groups(champion) -> set[str]:
     return set(groups)
 
 
-def result_run_id(name: str, version: str) -> str:
-    """The run that logged version ``version`` of ``name``."""
-    return mlflow.MlflowClient().get_model_version(name, version).run_id
-
-
 def provenance(data: PreparedData, test_metrics: dict[str, Any]) -> dict[str, str]:
     """Tags that say where a version came from: data hash, git commit, test metrics."""
     import subprocess
@@ -164,12 +158,14 @@ def provenance(data: PreparedData, test_metrics: dict[str, Any]) -> dict[str, st
 
 def promote(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[str, Any],
             split_id: str, compare_on_unseen: Callable[[Any], tuple[float, float, str]],
-            tags: dict[str, str] | None = None) -> RegisterResult:
+            tags: dict[str, str] | None = None,
+            run_files: dict[str, dict[str, Any]] | None = None) -> RegisterResult:
     """Register ``model_uri`` as a new version of ``name``; apply the champion rule.
 
     ``compare_on_unseen(champion)`` returns (new figure, champion figure, what they
     were measured on) when the champion was measured on another test split, or
-    raises :class:`ComparisonRefused`.
+    raises :class:`ComparisonRefused`. ``run_files`` (artifact path -> JSON content) go
+    to the version's run before any other register can see the version.
     """
     client = mlflow.MlflowClient()
     if cfg.metric not in test_metrics or not isinstance(test_metrics[cfg.metric], float):
@@ -177,13 +173,17 @@ def promote(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[s
                          f"{sorted(k for k, v in test_metrics.items() if isinstance(v, float))}")
     value = float(test_metrics[cfg.metric])
     with registry_lock(name):  # two registers of one model never interleave
-        return _promote_locked(client, cfg, name, model_uri, value, split_id, compare_on_unseen, tags)
+        return _promote_locked(client, cfg, name, model_uri, value, split_id, compare_on_unseen, tags,
+                               run_files or {})
 
 
 def _promote_locked(client, cfg: RegisterConfig, name: str, model_uri: str, value: float, split_id: str,
-                    compare_on_unseen, tags: dict[str, str] | None) -> RegisterResult:
+                    compare_on_unseen, tags: dict[str, str] | None,
+                    run_files: dict[str, dict[str, Any]]) -> RegisterResult:
     champion = _current(client, name, cfg.alias)
     mv = mlflow.register_model(model_uri, name)
+    for path, content in run_files.items():
+        client.log_dict(mv.run_id, content, path)
     tags = {**(tags or {}), "split_id": split_id, "run_id": mv.run_id or "",
             f"test_{cfg.metric}": f"{value:.6f}"}
     for key, val in tags.items():
