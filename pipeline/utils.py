@@ -93,8 +93,10 @@ def _jsonable(obj: Any) -> Any:
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray on loopback.
 
-    A local instance binds to 127.0.0.2: with 127.0.0.1 Ray swaps in the machine's
-    external address, and nothing here should listen beyond loopback.
+    A local instance advertises 127.0.0.2 (with 127.0.0.1 Ray swaps in the machine's
+    external address) and its dashboard stays on loopback; Ray's own gRPC servers
+    still listen on every interface, behind its token authentication
+    (docs/reliability.md).
     """
     import ray
 

@@ -28,11 +28,17 @@ def run_stage(main: Callable[..., None], doc: str | None) -> None:
     args = parser.parse_args()
     run_cli(lambda: main(*(getattr(args, n) for n in names)))
 
+
 PARAMS_FILE = Path("params.yaml")
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
-    """All of ``params.yaml`` as typed config; exits with the error on a bad key."""
+    """All of ``params.yaml`` as typed config.
+
+    Raises:
+        FileNotFoundError: no params.yaml in the current folder.
+        ConfigError: a bad key or value, named.
+    """
     set_quiet_env()
     setup_logging()
     logging.getLogger("pipeline").setLevel(logging.INFO)
