@@ -263,15 +263,17 @@ def test_a_scoring_actor_killed_mid_job_still_scores_every_input_exactly_once(ra
                 if "BatchPredictor" in " ".join(proc.info["cmdline"] or []):
                     time.sleep(1.0)  # let it score some batches first
                     proc.kill()
-                    killed.append(proc.info["pid"])
+                    killed.append(time.time())
                     return
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_the_predictor, daemon=True)
     killer.start()
     result = score(ScoreConfig(input=str(root), batch_size=8), champion, out)
+    finished = time.time()
     killer.join(timeout=5)
     assert killed, "no predictor actor was found to kill"
+    assert finished - killed[0] > 1.0, "the job had (nearly) finished before the kill: no fault injected"
     table = pd.read_parquet(out)
     assert len(table) == result.n_images == 400
     assert table["path"].nunique() == 400 and set(table["path"]) == {p.name for p in root.iterdir()}
