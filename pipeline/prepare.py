@@ -101,7 +101,7 @@ def check_archive(archive: Path, cfg: PrepareConfig) -> None:
         with zipfile.ZipFile(archive) as zf:
             members = [m for m in zf.infolist() if not m.is_dir()]
     except (zipfile.BadZipFile, EOFError) as exc:
-        raise ArchiveError(f"{archive} is truncated or corrupt ({exc}): download it again") from None
+        raise _corrupt(archive, exc) from None
     if not members:
         raise ArchiveError(f"{archive} is an empty zip: it holds no files")
     total = sum(m.file_size for m in members)
@@ -118,14 +118,18 @@ def check_archive(archive: Path, cfg: PrepareConfig) -> None:
                            "can compress that well: raise the limit if the archive is genuine)")
 
 
+def _corrupt(archive: Path, exc: BaseException) -> ArchiveError:
+    return ArchiveError(f"{archive} is truncated or corrupt ({exc}): download it again")
+
+
 def _build(archive: Path, tmp: Path, cfg: PrepareConfig, spec: DatasetSpec) -> PrepareResult:
     """Everything :func:`prepare` writes, into ``tmp``."""
     (tmp / IMAGES_DIR).mkdir(parents=True)
     extract = _extract_npz if spec.kind == "npz" else _extract
     try:
         records, pixels, skipped, bad = extract(archive, tmp, spec, cfg.image_size)
-    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        raise ArchiveError(f"{archive} is truncated or corrupt ({exc}): download it again") from None
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:  # a member's data, read at extraction
+        raise _corrupt(archive, exc) from None
     if not records:
         raise ValueError(f"no readable images found in {archive}")
     manifest = pd.DataFrame(records)

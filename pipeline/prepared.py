@@ -78,8 +78,8 @@ class PreparedData:
 
     @property
     def image_size(self) -> int:
-        """Side of the resized images."""
-        return int(self.split("train").images.shape[1])
+        """Side of the resized images (read from the array's header, not its data)."""
+        return int(np.load(self.root / array_file("train"), mmap_mode="r").shape[1])
 
     @property
     def images_dir(self) -> Path:

@@ -29,8 +29,6 @@ from pipeline.prepared import PreparedData
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
-
-
 INPUT_COLUMN = "image"
 
 # The contract, in one table: README and the registered model's description show it.
@@ -86,7 +84,7 @@ def check_arrays(images: Any) -> list[np.ndarray]:
         if images.ndim != 4:
             raise ModelInputError(f"got an array of shape {images.shape}; {what}")
         images = list(images)
-    elif images is None or isinstance(images, (str, bytes)) or not isinstance(images, (list, tuple)):
+    elif not isinstance(images, (list, tuple)):  # None, a string, bytes, a PIL image, ...
         raise ModelInputError(f"got {type(images).__name__}; {what} (encoded files go to predict() "
                               f"as a DataFrame with an '{INPUT_COLUMN}' column)")
     for i, img in enumerate(images):
