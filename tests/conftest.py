@@ -42,6 +42,15 @@ def wait_for(check, timeout: float, what: str) -> None:
     raise TimeoutError(f"{what} not ready after {timeout} s")
 
 
+def repo_params(**change) -> dict:
+    """The repository's ``params.yaml`` as a dict, with ``change`` merged in section by section."""
+    import yaml
+
+    from pipeline.project import deep_update
+
+    return deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), change)
+
+
 def has_committed_checkpoint(storage: Path) -> bool:
     """Whether a Ray Train run under ``storage`` has committed a checkpoint: listed in its
     checkpoint manager's snapshot, which is what a restarted run resumes from. (A

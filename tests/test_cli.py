@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, repo_params
 
 STAGES = ["download", "prepare", "augment", "train", "evaluate", "register", "score"]
 ARGS = {"download": 1, "prepare": 3, "augment": 3, "train": 5, "evaluate": 5, "register": 4, "score": 3}
@@ -47,10 +47,7 @@ def test_wrong_argument_count_is_a_usage_error(name, tmp_path):
 
 
 def _params(tmp_path, **change) -> None:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for key, value in change.items():
-        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(repo_params(**change)))
 
 
 MISTAKES = {

@@ -1,12 +1,11 @@
 import pytest
-import yaml
 
 from pipeline.config import ConfigError, Params, TrainConfig, flatten, from_dict
-from tests.conftest import REPO
+from tests.conftest import repo_params
 
 
 def test_params_yaml_loads_into_typed_config():
-    params = from_dict(Params, yaml.safe_load((REPO / "params.yaml").read_text()))
+    params = from_dict(Params, repo_params())
     assert params.train.model == "efficientnet_lite0"
     assert params.train.num_workers == 2
     assert params.register.alias == "champion"
@@ -31,18 +30,11 @@ def test_int_promotes_to_float_and_flatten():
 def test_params_yaml_lists_every_knob():
     import dataclasses
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = repo_params()
     for section, cls in [(f.name, f.default_factory().__class__) for f in dataclasses.fields(Params)
                          if f.default_factory is not dataclasses.MISSING]:
         fields = {x.name for x in dataclasses.fields(cls)}
         assert set(raw[section]) == fields, (section, fields ^ set(raw[section]))
-
-
-def _params(**sections) -> dict:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for key, value in sections.items():
-        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
-    return raw
 
 
 @pytest.mark.parametrize("change, message", [
@@ -64,11 +56,11 @@ def _params(**sections) -> dict:
 ])
 def test_bad_params_fail_at_load_naming_the_key_and_allowed_values(change, message):
     with pytest.raises(ConfigError, match=message):
-        from_dict(Params, _params(**change))
+        from_dict(Params, repo_params(**change))
 
 
 def test_a_dataset_without_a_source_fails_at_load():
-    raw = _params(dataset="imagefolder")
+    raw = repo_params(dataset="imagefolder")
     del raw["download"]["sources"]["imagefolder"]
     with pytest.raises(ConfigError, match="dataset: no download.sources.imagefolder"):
         from_dict(Params, raw)
@@ -82,5 +74,5 @@ def test_enum_values_are_the_ones_the_code_implements():
 
     assert set(AUGMENT_PRESETS) == {"custom", *PRESETS}
     assert set(CUSTOM_MODELS) == set(MODELS)
-    sources = yaml.safe_load((REPO / "params.yaml").read_text())["download"]["sources"]
+    sources = repo_params()["download"]["sources"]
     assert set(sources) <= set(DATASETS)  # a dataset with a source is a known one

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, repo_params
 
 SOURCES = sorted((REPO / "pipeline").glob("*.py")) + sorted((REPO / "stages").glob("*.py"))
 
@@ -78,9 +78,8 @@ def test_secrets_in_the_environment_reach_no_param_tag_artifact_or_log(prepared_
 
     import mlflow
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["evaluate"].update(bootstrap=20, gradcam_images=2)
-    raw["register"]["model_name"] = "secrets-test"
+    raw = repo_params(evaluate={"bootstrap": 20, "gradcam_images": 2},
+                      register={"model_name": "secrets-test"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     store = tmp_path / "store"
     store.mkdir()

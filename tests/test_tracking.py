@@ -15,12 +15,12 @@ import yaml
 
 from pipeline.augment import policy, save_policy
 from pipeline.config import AugmentConfig, TrainConfig
-from tests.conftest import REPO, free_port, has_committed_checkpoint, start_mlflow_server, stop
+from tests.conftest import (REPO, free_port, has_committed_checkpoint, repo_params, start_mlflow_server,
+                            stop)
 
 
 def test_a_dead_server_fails_the_train_stage_at_once_naming_it(prepared_synthetic, tmp_path):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(repo_params()))
     save_policy(AugmentConfig(), 32, tmp_path / "augment.yaml")
     dead = f"http://127.0.0.1:{free_port()}"
     t0 = time.perf_counter()
