@@ -14,8 +14,9 @@ from pipeline.utils import DEBUG_ENV, run_cli, set_quiet_env, setup_logging
 
 
 def demo(args: argparse.Namespace) -> None:
-    """Scaffold a demo project on synthetic images and ``dvc repro`` it."""
-    from pipeline.project import repro, scaffold
+    """Scaffold a demo project (its own git repository) on synthetic images, ``dvc repro``
+    it and commit the result, so ``dvc exp run -S …`` has a baseline to compare with."""
+    from pipeline.project import git_commit, repro, scaffold
     from pipeline.synthetic import DEMO_NOTE, make_archive
 
     root = Path(args.dir).resolve()
@@ -27,15 +28,19 @@ def demo(args: argparse.Namespace) -> None:
         "train": {"epochs": args.epochs, "lr": 0.003},
         "register": {"model_name": "malaria-demo"},
     }
-    scaffold(root, overrides)
-    print(f"*** {DEMO_NOTE} ***\nproject: {root}", flush=True)
+    scaffold(root, overrides, git=True)
+    print(f"*** {DEMO_NOTE} ***\nproject: {root} (a git repository)", flush=True)
     t0 = time.perf_counter()
-    repro(root)
+    repro(root, "--quiet")
+    git_commit(root, "Demo run: dvc.lock, metrics and plots")
     print(f"\n*** demo finished in {time.perf_counter() - t0:.0f} s on {DEMO_NOTE.lower()} ***\n"
-          f"metrics:      cd {args.dir} && dvc metrics show\n"
-          f"plots:        cd {args.dir} && dvc plots show   (opens dvc_plots/index.html)\n"
-          f"MLflow UI:    cd {args.dir} && mlflow ui   (experiment 'malaria', model 'malaria-demo')\n"
-          f"predictions:  {args.dir}/data/scores/predictions.parquet")
+          f"cd {args.dir}, then:\n"
+          f"  headline metrics:  python -m pipeline metrics\n"
+          f"  plots (offline):   dvc plots show        -> dvc_plots/index.html\n"
+          f"  report:            reports/evaluate.md\n"
+          f"  MLflow UI:         mlflow ui             (experiment 'malaria', model 'malaria-demo')\n"
+          f"  an experiment:     dvc exp run -S train.epochs=4 && dvc exp show --md\n"
+          f"  predictions:       data/scores/predictions.parquet")
 
 
 def synth(args: argparse.Namespace) -> None:

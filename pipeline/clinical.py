@@ -12,7 +12,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 CELL_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "sensitivity",
-                "specificity", "f1")
+                "specificity", "ppv", "npv", "f1")
 
 
 def binary_metrics(is_pos: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -26,6 +26,8 @@ def binary_metrics(is_pos: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5
         "pr_auc": skm.average_precision_score(is_pos, p_pos) if two else np.nan,
         "sensitivity": skm.recall_score(is_pos, pred, zero_division=np.nan),
         "specificity": skm.recall_score(1 - is_pos, 1 - pred, zero_division=np.nan),
+        "ppv": skm.precision_score(is_pos, pred, zero_division=np.nan),
+        "npv": skm.precision_score(1 - is_pos, 1 - pred, zero_division=np.nan),
         "f1": skm.f1_score(is_pos, pred, zero_division=np.nan),
     }
 

@@ -35,9 +35,12 @@ def data_card(spec: DatasetSpec, manifest: pd.DataFrame, report: dict, duplicate
     counts = manifest.groupby(["label", "split"]).size().unstack(fill_value=0).reindex(columns=list(SPLITS), fill_value=0)
     groups = manifest.groupby("split")["patient_id"].nunique().reindex(list(SPLITS), fill_value=0)
     sizes = manifest[["width", "height"]].describe(percentiles=[0.05, 0.5, 0.95]).T.round(1)
+    origin = ("**Synthetic** demo images drawn by pipeline.synthetic, not real cells; no "
+              "licence applies" if report.get("synthetic") else
+              f"Licence: {spec.licence or 'see the source'}")
     lines = [f"# Data card: {spec.name}", "",
-             f"Licence: {spec.licence or 'see the source'}. Images: {len(manifest)}; "
-             f"resized to {report['image_size']} px for training.", "",
+             f"{origin}. Images: {len(manifest)}; resized to {report['image_size']} px for training.",
+             "",
              "## Images per class and split", "", counts.to_markdown(), "",
              "## Patients / groups per split", "", groups.to_frame("groups").to_markdown(), "",
              "Groups never cross splits." if spec.kind == "archive" else

@@ -4,21 +4,21 @@ results, calibration, plots (CSV for ``dvc plots``, PNG for people) and one repo
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from sklearn import metrics as skm
 
 from pipeline import clinical
 from pipeline.config import EvaluateConfig
+from pipeline.evaluate_report import About, BinaryTables, artifact_dirs, write_report
 from pipeline.inference import Predictor
 from pipeline.metrics import classification_metrics
 from pipeline.plots import write_plots
 from pipeline.prepared import PreparedData
-from pipeline.utils import atomic_path, write_json
+from pipeline.utils import write_json
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,10 @@ def _split(predictor: Predictor, data: PreparedData, split: str) -> SplitPredict
 
 
 def evaluate(cfg: EvaluateConfig, model_path: str | Path, prepared: str | Path, metrics_path: str | Path,
-             plots_dir: str | Path, report_path: str | Path, run_id: str | None = None) -> EvaluateResult:
-    """Score the validation and test splits; write metrics JSON, plots and a markdown report."""
+             plots_dir: str | Path, report_path: str | Path, run_id: str | None = None,
+             model_name: str = "", dataset: str = "") -> EvaluateResult:
+    """Score the validation and test splits; write metrics JSON, plots and a markdown report
+    (about ``model_name``, trained on ``dataset`` in MLflow run ``run_id``)."""
     data = PreparedData(prepared)
     predictor = Predictor.from_checkpoint(model_path, batch_size=cfg.batch_size, tta=cfg.tta)
     classes = list(predictor.meta.class_names)
@@ -70,18 +72,38 @@ def evaluate(cfg: EvaluateConfig, model_path: str | Path, prepared: str | Path, 
     positive = cfg.positive_class if cfg.positive_class in classes else None
     metrics = classification_metrics(test.labels, test.probs, classes, positive)
     metrics.update(tta=cfg.tta, temperature=temperature, per_class=_per_class(test, classes))
-    sections: dict[str, pd.DataFrame | str] = {}
+    binary = None
     if len(classes) == 2:
-        metrics_binary, sections = _binary(cfg, val, test, classes.index(positive or classes[0]))
+        metrics_binary, binary = _binary(cfg, val, test, classes, positive or classes[0])
         metrics.update(metrics_binary)
     plots = write_plots(test.labels, test.probs, classes, positive, Path(plots_dir))
     plots.update(_gradcam(cfg, predictor, test, classes, Path(plots_dir)))
     write_json(metrics_path, metrics)
-    report = write_report(Path(report_path), metrics, sections, plots, classes)
+    about = _about(cfg, predictor, data, test, model_name, dataset, run_id, binary)
+    report = write_report(Path(report_path), about, metrics, binary, plots)
     log.info("test: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
     if run_id:
-        _log_to_mlflow(run_id, metrics, [*plots.values(), report])
+        _log_to_mlflow(run_id, metrics, [*plots.values(), report], report)
     return EvaluateResult(metrics, plots, report)
+
+
+def _about(cfg: EvaluateConfig, predictor: Predictor, data: PreparedData, test: SplitPredictions,
+           model_name: str, dataset: str, run_id: str | None, binary: BinaryTables | None) -> About:
+    meta = predictor.meta
+    origin = ("**synthetic demo images, not real cells**" if data.synthetic else "real images")
+    points = (f"threshold 0.5 and the operating point {binary.threshold:.3f} (validation, "
+              f"sensitivity >= {cfg.target_sensitivity}); " if binary else "")
+    return About(
+        name=model_name or "model",
+        model=f"{model_name or 'model'} ({meta.model}, {meta.image_size} px, classes "
+              f"{', '.join(meta.class_names)})",
+        run=(f"`{run_id}`; the `register` stage gives it a version (models/register.json)"
+             if run_id else "not logged to MLflow"),
+        data=f"{dataset or 'dataset'}: {origin}; test split of {len(test.labels)} cells from "
+             f"{len(np.unique(test.groups))} patients that training never saw",
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        settings=f"{points}TTA {'on' if cfg.tta else 'off'}; temperature "
+                 f"{'fitted on validation' if cfg.temperature_scaling else 'not fitted'}")
 
 
 def _per_class(test: SplitPredictions, classes: list[str]) -> dict[str, dict[str, float]]:
@@ -90,8 +112,10 @@ def _per_class(test: SplitPredictions, classes: list[str]) -> dict[str, dict[str
     return {c: {k: float(v) for k, v in rep[c].items()} for c in classes}
 
 
-def _binary(cfg: EvaluateConfig, val: SplitPredictions, test: SplitPredictions, pos: int):
+def _binary(cfg: EvaluateConfig, val: SplitPredictions, test: SplitPredictions, classes: list[str],
+            positive: str) -> tuple[dict[str, float], BinaryTables]:
     """Operating point, bootstrap CIs, patient level and calibration for a binary task."""
+    pos = classes.index(positive)
     v_pos, t_pos = (val.labels == pos).astype(int), (test.labels == pos).astype(int)
     v_p, t_p = val.probs[:, pos], test.probs[:, pos]
     thr = clinical.threshold_for_sensitivity(v_pos, v_p, cfg.target_sensitivity)
@@ -99,7 +123,8 @@ def _binary(cfg: EvaluateConfig, val: SplitPredictions, test: SplitPredictions, 
                     for t in (0.5, thr))
     patients, patient_summary = clinical.patient_level(test.groups, t_pos, t_p, thr, cfg.patient_threshold)
     ece, reliability = clinical.expected_calibration_error(t_pos, t_p)
-    out = {"pr_auc": float(at_05.at["pr_auc", "value"]), "ece": ece, "operating_threshold": thr,
+    out = {"pr_auc": float(at_05.at["pr_auc", "value"]), "ppv": float(at_05.at["ppv", "value"]),
+           "npv": float(at_05.at["npv", "value"]), "ece": ece, "operating_threshold": thr,
            "operating_sensitivity": float(at_op.at["sensitivity", "value"]),
            "operating_specificity": float(at_op.at["specificity", "value"]), **patient_summary}
     for metric in ("accuracy", "roc_auc", "sensitivity", "specificity"):
@@ -107,12 +132,9 @@ def _binary(cfg: EvaluateConfig, val: SplitPredictions, test: SplitPredictions, 
         out[f"{metric}_ci_high"] = float(at_05.at[metric, "ci_high"])
     ci_title = (f"({cfg.ci_level:.0%} CI, bootstrap over {len(np.unique(test.groups))} patients "
                 f"x {cfg.bootstrap})")
-    sections = {f"Cell level, threshold 0.5 {ci_title}": at_05,
-                f"Cell level, operating point {thr:.3f} {ci_title}": at_op,
-                f"Patient level (cells called at the operating point {thr:.3f}; diagnosis when "
-                f"the share reaches {cfg.patient_threshold})": patients,
-                "Reliability (test)": reliability}
-    return out, sections
+    negative = classes[1 - pos]
+    return out, BinaryTables(positive, negative, at_05, at_op, thr, ci_title, patients,
+                             patient_summary, cfg.patient_threshold, reliability)
 
 
 def _gradcam(cfg: EvaluateConfig, predictor: Predictor, test: SplitPredictions, classes: list[str],
@@ -132,26 +154,7 @@ def _gradcam(cfg: EvaluateConfig, predictor: Predictor, test: SplitPredictions, 
     return {"gradcam_png": gradcam_grid(images, cams, titles, out / "gradcam_worst_errors.png")}
 
 
-def write_report(path: Path, metrics: dict, sections: dict, plots: dict[str, Path], classes: list[str]) -> Path:
-    """One markdown page with every table and plot of the evaluation."""
-    lines = ["# Evaluation report (test split)", "",
-             f"Classes: {', '.join(classes)}. Cells: {metrics['n']}. "
-             f"TTA: {metrics['tta']}. Temperature: {metrics['temperature']:.3f}.", ""]
-    summary = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    lines += ["## Summary", "", pd.Series(summary).round(4).to_frame("value").to_markdown(), ""]
-    for title, table in sections.items():
-        lines += [f"## {title}", "", table.round(4).to_markdown(), ""]
-    lines += ["## Per class", "", pd.DataFrame(metrics["per_class"]).T.round(4).to_markdown(), ""]
-    lines += ["## Plots", ""]
-    for key, p in plots.items():
-        if str(p).endswith(".png"):
-            lines += [f"![{key}]({os.path.relpath(Path(p).resolve(), path.parent.resolve())})", ""]
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines))
-    return path
-
-
-def _log_to_mlflow(run_id: str, metrics: dict, files: list[Path]) -> None:
+def _log_to_mlflow(run_id: str, metrics: dict, files: list[Path], report: Path) -> None:
     import mlflow
 
     from pipeline.tracking import setup_mlflow
@@ -160,5 +163,5 @@ def _log_to_mlflow(run_id: str, metrics: dict, files: list[Path]) -> None:
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()
                             if isinstance(v, float) and np.isfinite(v)})
-        for path in files:
-            mlflow.log_artifact(str(path), artifact_path="evaluate")
+        for path, folder in artifact_dirs(files, report).items():
+            mlflow.log_artifact(str(path), artifact_path=folder)

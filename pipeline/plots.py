@@ -1,4 +1,5 @@
-"""Evaluation plots: CSV for ``dvc plots`` and PNG for people (and MLflow).
+"""Plots: CSV for ``dvc plots``, PNG for people (and MLflow), and the offline page
+template ``dvc plots show`` fills.
 
 Figures are built with matplotlib's object API (:func:`figure`), which renders
 to files without pyplot or a GUI backend, so importing this module changes no
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn import metrics as skm
 
 from pipeline.clinical import expected_calibration_error
@@ -110,3 +112,57 @@ def augmentation_preview(transform, images: np.ndarray, path: str | Path, n_aug:
         axes[r, 0].set_title("original" if r == 0 else "", fontsize=7)
     fig.suptitle("Augmentation preview (original, then augmented)", fontsize=8)
     return _save(fig, Path(path), dpi=100)
+
+
+def training_curves(history: pd.DataFrame, path: str | Path) -> Path:
+    """Loss and accuracy per epoch, training beside validation: the PNG twin of the Vega
+    training plots, for MLflow and for anyone without a browser at hand."""
+    fig = figure((8, 3.4))
+    for ax, metric, label in zip(fig.subplots(1, 2), ("loss", "acc"), ("Cross-entropy loss", "Accuracy")):
+        ax.plot(history["epoch"], history[f"train_{metric}"], marker="o", label="training")
+        ax.plot(history["epoch"], history[f"val_{metric}"], marker="o", label="validation")
+        ax.set(xlabel="Epoch", ylabel=label, title=f"{label} per epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+    return _save(fig, Path(path))
+
+
+# DVC's default page loads Vega from a CDN, so offline every Vega plot is blank without a
+# word. This page inlines the libraries instead; it has no {scripts} placeholder, which is
+# where DVC would put its CDN <script> tags.
+OFFLINE_PAGE = """<!DOCTYPE html>
+<html>
+<head>
+<meta charset="utf-8">
+{refresh_tag}
+<title>DVC plots</title>
+<!-- Vega __VEGA__, Vega-Lite __VEGALITE__, Vega-Embed __EMBED__: bundled by vl-convert-python, no network needed -->
+<script>__BUNDLE__</script>
+<style>
+body { font-family: sans-serif; }
+table { border-spacing: 15px; }
+</style>
+</head>
+<body>
+{plot_divs}
+</body>
+</html>
+"""
+VEGA_LITE_VERSION = "5.21"  # the major version of the specs dvc-render writes
+
+
+def write_offline_template(path: str | Path) -> Path:
+    """Write the page template ``dvc plots show`` fills (``plots.html_template`` in
+    ``.dvc/config``), with Vega, Vega-Lite and Vega-Embed inlined."""
+    import vl_convert
+
+    bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION)
+    if "</script" in bundle.lower():  # would end the inline <script> early
+        raise RuntimeError("the Vega bundle contains '</script': it cannot be inlined")
+    page = (OFFLINE_PAGE.replace("__VEGALITE__", VEGA_LITE_VERSION)
+            .replace("__VEGA__", vl_convert.get_vega_version())
+            .replace("__EMBED__", vl_convert.get_vega_embed_version())
+            .replace("__BUNDLE__", bundle))
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return Path(path)

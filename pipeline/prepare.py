@@ -21,6 +21,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pipeline import datacard
+from pipeline.synthetic import is_synthetic
 from pipeline.config import PrepareConfig, UserError
 from pipeline.datasets import DatasetSpec, get_dataset, is_image_name
 from pipeline.images import ImageDecodeError, load_rgb, resize
@@ -150,6 +151,7 @@ def _build(archive: Path, tmp: Path, cfg: PrepareConfig, spec: DatasetSpec) -> P
     quarantined.to_csv(tmp / QUARANTINE_DIR / "quarantine.csv", index=False) if bad else None
     manifest.to_parquet(tmp / MANIFEST, index=False)
     report = datacard.report(manifest, class_names, skipped, quarantined, duplicates, cfg)
+    report["synthetic"] = is_synthetic(archive)
     write_json(tmp / REPORT, report)
     (tmp / DATA_CARD).write_text(datacard.data_card(spec, manifest, report, duplicates))
     return PrepareResult(tmp, manifest, class_names, skipped, quarantined)

@@ -91,6 +91,11 @@ class PreparedData:
         """``report.json``: counts of kept, skipped and quarantined files."""
         return json.loads((self.root / REPORT).read_text())
 
+    @property
+    def synthetic(self) -> bool:
+        """Whether the images are synthetic demo data (:func:`pipeline.synthetic.is_synthetic`)."""
+        return bool(self.report.get("synthetic", False))
+
     def rows(self, split: str) -> pd.DataFrame:
         """Manifest rows of ``split`` in array order."""
         if split not in SPLITS:

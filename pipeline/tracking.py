@@ -87,3 +87,11 @@ def end_failed_run(uri: str, exc: BaseException, kept: str) -> None:
             "start the server again and re-run, training resumes from the last checkpoint in the "
             "same MLflow run") from exc
     mlflow.end_run(status="FAILED")
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """Attach ``path`` to the (possibly finished) run ``run_id`` in the current store."""
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri=mlflow.get_tracking_uri()).log_artifact(
+        run_id, str(path), artifact_path)

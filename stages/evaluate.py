@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from common import load_params, run_stage
+from common import load_params, model_name, run_stage
 
 from pipeline.evaluate import evaluate
 from pipeline.handoffs import TrainHandoff, read_handoff
@@ -12,7 +12,8 @@ def main(model_dir: str, prepared: str, metrics: str, plots_dir: str, report: st
     params = load_params()
     trained = read_handoff(TrainHandoff, Path(model_dir) / "train.json")
     result = evaluate(params.evaluate, Path(model_dir) / "model.pt", prepared, metrics, plots_dir,
-                      report, run_id=trained.run_id)
+                      report, run_id=trained.run_id, model_name=model_name(params),
+                      dataset=params.dataset)
     print({k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})
     print(f"report: {result.report}")
 

@@ -1,4 +1,4 @@
-"""DVC stage `train`: fine-tune with Ray Train; best checkpoint, history and run id out."""
+"""DVC stage `train`: fine-tune with Ray Train; best checkpoint, history, curves and run id out."""
 
 from pathlib import Path
 
@@ -7,11 +7,14 @@ import yaml
 from common import load_params, run_stage
 
 from pipeline.handoffs import TrainHandoff, write_handoff
+from pipeline.plots import training_curves
+from pipeline.tracking import log_artifact
 from pipeline.train import train
 from pipeline.utils import atomic_path, write_json
 
 
-def main(prepared: str, policy: str, model_dir: str, metrics: str, history: str) -> None:
+def main(prepared: str, policy: str, model_dir: str, metrics: str, history: str,
+         curves: str) -> None:
     params = load_params()
     result = train(params.train, yaml.safe_load(Path(policy).read_text()), prepared, model_dir,
                    experiment=params.dataset,
@@ -23,6 +26,7 @@ def main(prepared: str, policy: str, model_dir: str, metrics: str, history: str)
                          "val_loss": last["val_loss"], "val_acc": last["val_acc"]})
     with atomic_path(history) as tmp:
         result.history.to_csv(tmp, index=False)
+    log_artifact(result.run_id, training_curves(result.history, curves), "plots")
     print(result.history.round(4).to_string(index=False))
 
 

@@ -16,9 +16,10 @@ from pipeline.inference import load_checkpoint
 def test_evaluate_writes_metrics_plots_and_report(checkpoint, prepared_synthetic, tmp_path):
     cfg = EvaluateConfig(bootstrap=50, gradcam_images=4, temperature_scaling=True)
     result = evaluate(cfg, checkpoint, prepared_synthetic, tmp_path / "m.json", tmp_path / "plots",
-                      tmp_path / "reports" / "evaluate.md")
+                      tmp_path / "reports" / "evaluate.md", model_name="malaria-test", dataset="malaria")
     metrics = json.loads((tmp_path / "m.json").read_text())
-    for key in ("accuracy", "roc_auc", "pr_auc", "ece", "operating_threshold", "patient_sensitivity",
+    for key in ("accuracy", "roc_auc", "pr_auc", "ppv", "npv", "ece", "operating_threshold",
+                "patient_sensitivity",
                 "accuracy_ci_low", "accuracy_ci_high", "per_class", "confusion_matrix"):
         assert key in metrics, key
     assert metrics["accuracy_ci_low"] <= metrics["accuracy"] <= metrics["accuracy_ci_high"]
@@ -26,7 +27,45 @@ def test_evaluate_writes_metrics_plots_and_report(checkpoint, prepared_synthetic
                  "reliability.png", "confusion_matrix.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 0, name
     report = result.report.read_text()
-    assert "Patient level" in report and "operating point" in report and "](../plots/roc.png)" in report
+    print(report)
+    header = report.split("\n## ")[0]
+    assert "# Evaluation report: malaria-test, test split" in header
+    assert "malaria-test (baseline_cnn, 32 px" in header and "synthetic demo images" in header
+    assert "| Evaluated | 20" in header and "test split of" in header
+    for section in ("Cells at threshold 0.5", "Cells at the operating point", "Patients (",
+                    "Calibration", "Per class"):
+        assert f"\n## {section}" in report, section
+    for row in ("| PPV (precision)", "| NPV", "| Sensitivity (recall of Parasitized)"):
+        assert report.count(row) == 2, row  # threshold 0.5 and the operating point, once each
+    assert report.count("| ROC AUC") == 1  # threshold-free: not repeated at the operating point
+    assert "nan" not in report.lower().replace("nanoseconds", "")
+    rows = [line for line in report.splitlines() if line.startswith("| P")]
+    assert rows and not any(line.startswith("|  0 |") for line in report.splitlines())
+    assert "| parasitized " in report or "| uninfected " in report  # words, not 1/0
+    assert "](../plots/roc.png)" in report
+
+
+def test_report_links_resolve_in_the_mlflow_layout(tmp_path):
+    from pipeline.evaluate_report import artifact_dirs
+
+    report, plot = tmp_path / "reports" / "evaluate.md", tmp_path / "plots" / "evaluate" / "roc.png"
+    dirs = artifact_dirs([plot, report], report)
+    assert dirs == {plot.resolve(): "plots/evaluate", report.resolve(): "reports"}
+
+
+def test_undefined_patient_specificity_is_said_in_words():
+    import pandas as pd
+
+    from pipeline.evaluate_report import BinaryTables, _patient_sentence
+
+    patients = pd.DataFrame({"patient_id": ["P1", "P2"], "cells": [3, 4], "positive_cells": [1, 2],
+                             "called_fraction": [0.3, 0.5], "infected": [1, 1], "diagnosis": [1, 1]})
+    tables = BinaryTables("Parasitized", "Uninfected", None, None, 0.5, "", patients,
+                          {"patient_accuracy": 1.0, "patient_sensitivity": 1.0,
+                           "patient_specificity": float("nan")}, 0.1, None)
+    sentence = _patient_sentence(tables)
+    assert "Patient specificity is not defined here: none of the 2 patients is uninfected" in sentence
+    assert "nan" not in sentence
 
 
 def test_grad_cam_maps_and_worst_errors(checkpoint):
