@@ -1,6 +1,4 @@
-# make install  - a venv in .venv with every pinned dependency (Python 3.11)
-# make demo     - every stage end to end on synthetic cells, offline (a few minutes)
-# make test     - the whole test suite, as CI runs it
+# Targets: `make help` lists them with one line each (the `##` comments below).
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,21 +7,28 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1 \
        NO_ALBUMENTATIONS_UPDATE=1 RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
 
-.PHONY: install demo test test-fast sample clean-demo
+.PHONY: help install demo metrics test test-fast clean-demo
 
-install:
+help: ## this list
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: ## a venv in .venv with every pinned dependency (Python 3.11), offline plots template
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -c requirements.lock -e '.[dev,cluster]'
+	$(BIN)/python -m pipeline plots-template
 
-demo:
+demo: ## every stage end to end on synthetic cells, offline, in demo/ (about 2 minutes)
 	$(BIN)/python -m pipeline demo --dir demo
 
-test:
+metrics: ## headline test figures and experiments of this project, in 120 columns
+	$(BIN)/python -m pipeline metrics
+
+test: ## the whole test suite, as CI runs it
 	$(BIN)/python -m pytest
 
-test-fast:
+test-fast: ## the tests not marked slow (a few minutes)
 	$(BIN)/python -m pytest -m "not slow"
 
-clean-demo:
+clean-demo: ## remove the demo project
 	rm -rf demo

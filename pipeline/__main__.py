@@ -1,12 +1,14 @@
-"""Command line: ``pipeline demo`` (every stage on synthetic cells), ``pipeline score``
-(batch scoring outside DVC), ``pipeline rollback`` (move the champion alias back),
-``pipeline report regimes`` (the transfer-learning table), ``pipeline benchmark``
-(throughput measurements)."""
+"""Command line: ``pipeline demo`` (every stage on synthetic cells), ``pipeline metrics``
+(headline figures and experiments in 120 columns), ``pipeline score`` (batch scoring
+outside DVC), ``pipeline rollback`` (move the champion alias back), ``pipeline report
+regimes`` (the transfer-learning table), ``pipeline benchmark`` (throughput), ``pipeline
+plots-template`` (offline ``dvc plots show``)."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import time
 from pathlib import Path
 
@@ -22,8 +24,9 @@ def demo(args: argparse.Namespace) -> None:
     root = Path(args.dir).resolve()
     archive = make_archive(root / "synthetic_cells.zip", n_patients=args.patients,
                            cells_per_patient=args.cells, seed=0, corrupt=1)
+    sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
     overrides = {
-        "download": {"sources": {"malaria": {"url": str(archive), "sha256": ""}}},
+        "download": {"sources": {"malaria": {"url": str(archive), "sha256": sha256}}},
         "prepare": {"image_size": args.image_size},
         "train": {"epochs": args.epochs, "lr": 0.003},
         "register": {"model_name": "malaria-demo"},
@@ -41,6 +44,20 @@ def demo(args: argparse.Namespace) -> None:
           f"  MLflow UI:         mlflow ui             (experiment 'malaria', model 'malaria-demo')\n"
           f"  an experiment:     dvc exp run -S train.epochs=4 && dvc exp show --md\n"
           f"  predictions:       data/scores/predictions.parquet")
+
+
+def metrics_cmd(args: argparse.Namespace) -> None:
+    """Print the headline test figures and the experiments, at most 120 columns wide."""
+    from pipeline.summary import show
+
+    print(show(Path(args.project)))
+
+
+def plots_template_cmd(args: argparse.Namespace) -> None:
+    """Write the page template that makes ``dvc plots show`` draw offline."""
+    from pipeline.plots import write_offline_template
+
+    print(f"offline dvc plots template: {write_offline_template(args.output)}")
 
 
 def synth(args: argparse.Namespace) -> None:
@@ -137,6 +154,17 @@ def _add_demo_and_synth(sub) -> None:
     p.set_defaults(func=synth)
 
 
+def _add_views(sub) -> None:
+    p = sub.add_parser("metrics", help="headline test figures and DVC experiments in 120 columns")
+    p.add_argument("--project", default=".", help="the DVC project folder")
+    p.set_defaults(func=metrics_cmd)
+    p = sub.add_parser("plots-template",
+                       help="write the offline dvc plots page (make install runs it)")
+    p.add_argument("--output", default=".dvc/offline_plots.html",
+                   help="where .dvc/config's plots.html_template points")
+    p.set_defaults(func=plots_template_cmd)
+
+
 def _add_score_and_rollback(sub) -> None:
     p = sub.add_parser("score", help="batch-score images with a registered model (Ray Data)")
     p.add_argument("--model", required=True, help="e.g. models:/malaria@champion")
@@ -169,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = functools.partial(sub.add_parser,
                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_demo_and_synth(sub)
+    _add_views(sub)
     _add_score_and_rollback(sub)
     _add_report(sub)
     _add_benchmark(sub)

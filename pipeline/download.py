@@ -15,8 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
+from pipeline.console import progress
 from pipeline.config import SourceConfig, UserError
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def _zip_folder(src: Path, dst: Path, chunk: int) -> None:
 
     files = sorted(p for p in src.rglob("*") if p.is_file())
     with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zf:
-        for p in tqdm(files, desc=f"zip {src.name}", unit="file"):
+        for p in progress(files, desc=f"zip {src.name}", unit="file"):
             info = zipfile.ZipInfo(p.relative_to(src).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
             zf.writestr(info, p.read_bytes())
 
@@ -149,7 +149,7 @@ def _digest(path: Path, algo: str, chunk: int) -> str:
     return h.hexdigest()
 
 
-def _bar(total: int | None, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
+def _bar(total: int | None, desc: str):
+    return progress(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
 
 

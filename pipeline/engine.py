@@ -98,12 +98,9 @@ def train_one_epoch(ctx: EpochContext, loader, optimizer: torch.optim.Optimizer,
     Raises:
         NonFiniteLossError: on every worker at once, before a NaN/inf loss is stepped on.
     """
-    from tqdm.auto import tqdm
-
     train_mode(ctx.model)
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    for step, (images, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1} train",
-                                                 disable=ctx.rank != 0, mininterval=10)):
+    for step, (images, labels) in enumerate(loader):
         logits, loss, labels = forward_batch(ctx, images, labels)
         if not finite_on_every_worker(loss):
             raise NonFiniteLossError(f"the training loss became {loss.item()} at epoch {epoch + 1}, "
@@ -121,14 +118,11 @@ def train_one_epoch(ctx: EpochContext, loader, optimizer: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def evaluate_epoch(ctx: EpochContext, loader, epoch: int) -> tuple[float, float]:
+def evaluate_epoch(ctx: EpochContext, loader) -> tuple[float, float]:
     """One validation pass; mean loss and accuracy over all workers."""
-    from tqdm.auto import tqdm
-
     ctx.model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    for images, labels in tqdm(loader, desc=f"epoch {epoch + 1} val", disable=ctx.rank != 0,
-                               mininterval=10):
+    for images, labels in loader:
         totals += _batch_totals(ctx, *forward_batch(ctx, images, labels))
     loss, acc, _ = _all_workers(totals)
     return loss, acc

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from pipeline import clinical
+from pipeline import clinical, run_notes
 from pipeline.config import EvaluateConfig
 from pipeline.evaluate_report import About, BinaryTables, artifact_dirs, write_report
 from pipeline.inference import Predictor
@@ -160,7 +160,10 @@ def _log_to_mlflow(run_id: str, metrics: dict, files: list[Path], report: Path) 
     from pipeline.tracking import setup_mlflow
 
     setup_mlflow()
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id) as run:
+        note = run.data.tags.get(run_notes.NOTE_TAG)
+        if note:
+            mlflow.set_tag(run_notes.NOTE_TAG, run_notes.with_test_figures(note, metrics))
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()
                             if isinstance(v, float) and np.isfinite(v)})
         for path, folder in artifact_dirs(files, report).items():

@@ -18,9 +18,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from pipeline import datacard
+from pipeline.console import progress
 from pipeline.synthetic import is_synthetic
 from pipeline.config import PrepareConfig, UserError
 from pipeline.datasets import DatasetSpec, get_dataset, is_image_name
@@ -199,7 +199,7 @@ def _extract_npz(archive: Path, root: Path, spec: DatasetSpec, size: int):
         raise ValueError(f"{archive} is not a MedMNIST .npz with train/val/test_images and "
                          f"_labels arrays ({exc})") from None
     for split, (images, labels) in arrays.items():
-        for i, (img, label) in enumerate(tqdm(list(zip(images, labels)), desc=f"prepare {split}",
+        for i, (img, label) in enumerate(progress(list(zip(images, labels)), desc=f"prepare {split}",
                                               unit="img")):
             rgb = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
             name = spec.class_names[int(label)]
@@ -229,7 +229,7 @@ def _extract(
             safe_member_path(m.filename, root / IMAGES_DIR)
             if stat.S_ISLNK(m.external_attr >> 16):
                 raise UnsafeArchiveError(f"archive member '{m.filename}' is a symbolic link")
-        for m in tqdm(members, desc="prepare", unit="img"):
+        for m in progress(members, desc="prepare", unit="img"):
             if not is_image_name(m.filename):
                 skipped.append(m.filename)
                 continue

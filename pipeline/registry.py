@@ -21,6 +21,7 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
+from pipeline.console import into_log
 from pipeline.config import RegisterConfig, UserError
 from pipeline.metrics import is_better
 from pipeline.prepared import PreparedData
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 
 TRAIN_GROUPS_ARTIFACT = "registry/train_groups.json"
+HEADLINE_TAGS = ("accuracy", "roc_auc", "sensitivity", "specificity")  # test_<metric> version tags
 
 
 class ComparisonRefused(Exception):
@@ -100,10 +102,24 @@ def register(cfg: RegisterConfig, name: str, model_uri: str, test_metrics: dict[
     return result
 
 
+def version_description(result: RegisterResult, tags: dict[str, str]) -> str:
+    """A version's description: whether and why it took the alias, and where it came from."""
+    figures = ", ".join(f"{k.removeprefix('test_')} {float(v):.4f}" for k, v in tags.items()
+                        if k.startswith("test_"))
+    return (f"{result.summary()}.\n\nTest figures: {figures}.\n\nTraining run `{tags.get('run_id')}`, "
+            f"dataset `{tags.get('dataset_id')}`, code {tags.get('git_commit')}.")
+
+
 def model_description(class_names: list[str], cfg: RegisterConfig) -> str:
     """The registered model's description: what it classifies, its input contract, the rule."""
     return (f"Classifies single-cell image crops as one of: {', '.join(class_names)}.\n\n"
             f"## Input contract\n\n{CONTRACT}\n"
+            "## Validation\n\nTrained on patients of the train split, threshold and "
+            "temperature chosen on validation patients, measured on test patients no version "
+            "trained on, with patient-bootstrap confidence intervals (the training run's "
+            "`reports/evaluate.md`). Probabilities are softmax outputs; the class is the most "
+            "probable one (threshold 0.5 for two classes), and the run's report gives the "
+            "operating threshold for a target sensitivity.\n\n"
             f"## Champion rule\n\nThe alias `{cfg.alias}` moves to a new version only when its test "
             f"`{cfg.metric}` beats the champion's by more than {cfg.margin}, measured on the same "
             "test split, or else on test patients neither model trained on; each version's "
@@ -152,7 +168,9 @@ def provenance(data: PreparedData, test_metrics: dict[str, Any]) -> dict[str, st
     except (OSError, subprocess.SubprocessError):
         commit = "unknown (not a git checkout)"
     tags = {"dataset_id": data.dataset_id(), "git_commit": commit}
-    tags.update({f"test_{k}": f"{v:.6f}" for k, v in test_metrics.items() if isinstance(v, float)})
+    # The headline figures only: every other test metric is on the run, not 30 tags a version.
+    tags.update({f"test_{k}": f"{test_metrics[k]:.6f}" for k in HEADLINE_TAGS
+                 if isinstance(test_metrics.get(k), float)})
     return tags
 
 
@@ -181,7 +199,8 @@ def _promote_locked(client, cfg: RegisterConfig, name: str, model_uri: str, valu
                     compare_on_unseen, tags: dict[str, str] | None,
                     run_files: dict[str, dict[str, Any]]) -> RegisterResult:
     champion = _current(client, name, cfg.alias)
-    mv = mlflow.register_model(model_uri, name)
+    with into_log(__name__):  # MLflow prints what it registered; the summary says it
+        mv = mlflow.register_model(model_uri, name)
     for path, content in run_files.items():
         client.log_dict(mv.run_id, content, path)
     tags = {**(tags or {}), "split_id": split_id, "run_id": mv.run_id or "",
@@ -197,6 +216,7 @@ def _promote_locked(client, cfg: RegisterConfig, name: str, model_uri: str, valu
             client.set_model_version_tag(mv.name, mv.version, f"previous_{cfg.alias}",
                                          str(champion.version))
     client.set_model_version_tag(mv.name, mv.version, "promotion", result.summary())
+    client.update_model_version(mv.name, mv.version, description=version_description(result, tags))
     log.info(result.summary())
     return result
 

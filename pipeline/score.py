@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
+from pipeline.console import adopt_library_loggers, progress
 from pipeline.config import ScoreConfig
 from pipeline.datasets import is_image_name
 from pipeline.prepared import PreparedData
@@ -154,9 +154,11 @@ class BatchPredictor:
     def __init__(self, model_uri: str, version: str, tracking_uri: str, tta: bool = False):
         import mlflow
 
+        from pipeline.console import quiet_worker
         from pipeline.utils import set_quiet_env
 
         set_quiet_env()
+        quiet_worker()
         setup_mlflow(uri=tracking_uri)
         self.predictor = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
         self.predictor.tta = tta
@@ -183,9 +185,6 @@ def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
     """
     import time
 
-    import ray
-    from ray.data import ActorPoolStrategy
-
     if cfg.input:
         inputs, skipped = list_inputs(cfg.input)
     elif prepared is not None:
@@ -196,7 +195,12 @@ def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
     model = resolve_model(model_uri)
     if skipped:
         log.info("skipping %d non-image files (e.g. %s)", len(skipped), skipped[:3])
-    init_ray()
+    init_ray()  # before Ray is imported here: it reads its settings on import
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    adopt_library_loggers()  # Ray Data sets up its console logging on import
+    ray.data.DataContext.get_current().print_on_execution_start = False  # the plan: Ray's log
     meta = model_meta(model.uri)
     size, schema = int(meta["image_size"]), predictions_schema(meta["class_names"])
     t0 = time.perf_counter()
@@ -264,7 +268,7 @@ def write_predictions(batches: Iterable[pd.DataFrame], output: Path, schema: pa.
         (rows written, rows with an error)
     """
     n = n_err = 0
-    with atomic_path(output) as tmp, tqdm(total=total, desc="score", unit="img") as bar, \
+    with atomic_path(output) as tmp, progress(total=total, desc="score", unit="img") as bar, \
             pq.ParquetWriter(tmp, schema) as writer:
         for batch in batches:
             missing = set(schema.names) - set(batch.columns)

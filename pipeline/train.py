@@ -23,8 +23,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pipeline import run_notes
 from pipeline.augment import load_policy
 from pipeline.config import TrainConfig, UserError, flatten
+from pipeline.console import quiet_worker
 from pipeline.engine import (ArrayDataset, EpochContext, NonFiniteLossError, collate, evaluate_epoch,
                              train_one_epoch)
 from pipeline.inference import ModelMeta, save_checkpoint
@@ -83,10 +85,13 @@ def train(
     params = flatten({"train": asdict(cfg), **(extra_params or {})})
     params["augment.policy"] = ",".join(t["__class_fullname__"] for t in policy["transform"]["transforms"])
     store = run_store(cfg.storage_path, cfg.model, params, data)
-    run = mlflow.start_run(run_id=previous_run_id(store), run_name="train",
+    run = mlflow.start_run(run_id=previous_run_id(store),
+                           run_name=run_notes.run_name(cfg.model, cfg.regime, meta.image_size, cfg.epochs),
+                           description=run_notes.run_description(cfg, data, experiment),
                            log_system_metrics=cfg.system_metrics)
     try:
         store.write(RUN_ID_FILE, run.info.run_id)
+        run_notes.log_inputs(data, experiment)
         mlflow.log_params({**params, "n_train": len(train_split), "n_val": len(val_split),
                            "class_names": ",".join(data.class_names), "image_size": meta.image_size})
         mlflow.log_dict(policy, "augment_policy.yaml")
@@ -126,7 +131,7 @@ def _to_object_store(split: Split):
 
 def _trainer(cfg: TrainConfig, store: RunStore, loop_config: dict[str, Any]):
     """The ``TorchTrainer`` of one run: workers from params, checkpoints in ``store``."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
@@ -143,6 +148,7 @@ def _trainer(cfg: TrainConfig, store: RunStore, loop_config: dict[str, Any]):
                 num_to_keep=2, checkpoint_score_attribute="val_loss",
                 checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # details: Ray's session logs
         ),
     )
 
@@ -171,6 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train.torch import get_device
 
     cfg: TrainConfig = config["cfg"]
+    _quiet_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(cfg.seed + rank)
@@ -195,17 +202,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         state.scheduler.step()
         elapsed = time.perf_counter() - t0
-        val_loss, val_acc = evaluate_epoch(epoch_ctx, val_loader, epoch)
+        val_loss, val_acc = evaluate_epoch(epoch_ctx, val_loader)
         stop = state.stopper.step(val_loss)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
                    "epoch_time_s": elapsed, "images_per_s": n_seen / elapsed,
                    "trainable_params": trainable}
         report_epoch(metrics, epoch_ctx, state, mlflow_run)
+        if rank == 0:
+            print(epoch_line(metrics, cfg.epochs), flush=True)
         if stop:
             log.info("early stopping after epoch %d: no val_loss improvement for %d epochs",
                      epoch + 1, state.stopper.patience)
             break
+
+
+def _quiet_train_reports() -> None:
+    """Ray Train logs each report (metrics and checkpoint path) at INFO from a logger named
+    after its source file, which ``LoggingConfig`` does not reach; rank 0 prints its own line.
+    MLflow's store set-up stays quiet too (:func:`pipeline.console.quiet_worker`)."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    quiet_worker()
+
+
+def epoch_line(metrics: dict[str, float], epochs: int) -> str:
+    """One console line for one epoch (rank 0 prints it)."""
+    return (f"epoch {metrics['epoch']}/{epochs}: train loss {metrics['train_loss']:.4f} acc "
+            f"{metrics['train_acc']:.4f} | val loss {metrics['val_loss']:.4f} acc "
+            f"{metrics['val_acc']:.4f} | {metrics['images_per_s']:.0f} img/s, "
+            f"{metrics['epoch_time_s']:.1f} s")
 
 
 def _loaders(config: dict[str, Any], rank: int, world: int):

@@ -25,6 +25,11 @@ QUIET_ENV = {
     "HF_HUB_OFFLINE": "1",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "RAY_TRAIN_V2_ENABLED": "1",
+    # Logs for people (pipeline.console): MLflow logs through the root logger, not a handler of
+    # its own; Ray Train workers print once (its print patch echoes every print twice).
+    "MLFLOW_CONFIGURE_LOGGING": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 
@@ -98,16 +103,28 @@ def init_ray(num_cpus: int | None = None) -> None:
     still listen on every interface, behind its token authentication
     (docs/reliability.md).
     """
+    set_quiet_env()
+    if not sys.stdout.isatty():  # Ray colours worker prefixes even in a file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    local = not os.environ.get("RAY_ADDRESS")
+    if local and "ray" not in sys.modules:  # Ray reads these when it is imported
+        # Token authentication stays on. Naming the mode skips Ray's notice about it; a token
+        # made for this instance (its processes inherit it) keeps Ray from writing ~/.ray.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+            os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     import ray
+
+    from pipeline.console import adopt_library_loggers
 
     if ray.is_initialized():
         return
-    set_quiet_env()
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
+    if local:
         ray.init(_node_ip_address=os.environ.get("PIPELINE_RAY_NODE_IP", "127.0.0.2"),
-                 num_cpus=num_cpus)
+                 num_cpus=num_cpus, logging_level=logging.WARNING)
+    else:
+        ray.init(log_to_driver=True, logging_level=logging.WARNING)
+    adopt_library_loggers()
 
 
 DEBUG_ENV = "PIPELINE_DEBUG"

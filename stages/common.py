@@ -12,6 +12,7 @@ from typing import Any, Callable
 import yaml
 
 from pipeline.config import ConfigError, Params, from_dict
+from pipeline.console import header, stage_logging
 from pipeline.utils import DEBUG_ENV, run_cli, set_quiet_env, setup_logging
 
 
@@ -26,6 +27,8 @@ def run_stage(main: Callable[..., None], doc: str | None) -> None:
     for name in names:
         parser.add_argument(name)
     args = parser.parse_args()
+    stage = Path(sys.argv[0]).stem
+    header(stage, doc, stage_logging(stage))
     run_cli(lambda: main(*(getattr(args, n) for n in names)))
 
 

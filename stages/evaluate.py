@@ -6,6 +6,7 @@ from common import load_params, model_name, run_stage
 
 from pipeline.evaluate import evaluate
 from pipeline.handoffs import TrainHandoff, read_handoff
+from pipeline.summary import headline
 
 
 def main(model_dir: str, prepared: str, metrics: str, plots_dir: str, report: str) -> None:
@@ -14,8 +15,7 @@ def main(model_dir: str, prepared: str, metrics: str, plots_dir: str, report: st
     result = evaluate(params.evaluate, Path(model_dir) / "model.pt", prepared, metrics, plots_dir,
                       report, run_id=trained.run_id, model_name=model_name(params),
                       dataset=params.dataset)
-    print({k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})
-    print(f"report: {result.report}")
+    print(f"{headline(result.metrics)} -> {metrics}, report {result.report}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ def main(archive: str, out_dir: str, card: str) -> None:
     shutil.copyfile(Path(out_dir) / DATA_CARD, card)
     counts = result.manifest.groupby("split").agg(images=("path", "size"),
                                                   patients=("patient_id", "nunique"))
-    print(counts.to_string())
-    print(f"skipped {len(result.skipped)} non-image files, quarantined {len(result.quarantined)}; "
-          f"data card: {card}")
+    splits = ", ".join(f"{split} {int(row.images)} ({int(row.patients)} patients)"
+                       for split, row in counts.reindex(["train", "val", "test"]).dropna().iterrows())
+    print(f"prepared {len(result.manifest)} images: {splits}; skipped {len(result.skipped)} "
+          f"non-image files, quarantined {len(result.quarantined)} -> {out_dir}, data card {card}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,12 @@ def main(prepared: str, policy: str, model_dir: str, metrics: str, history: str,
                          "val_loss": last["val_loss"], "val_acc": last["val_acc"]})
     with atomic_path(history) as tmp:
         result.history.to_csv(tmp, index=False)
-    log_artifact(result.run_id, training_curves(result.history, curves), "plots")
-    print(result.history.round(4).to_string(index=False))
+    log_artifact(result.run_id, training_curves(result.history, curves), "plots/train")
+    log_artifact(result.run_id, "params.yaml")  # every param, as a file rather than a wall of tags
+    best = result.history.set_index("epoch").loc[result.best_epoch]
+    print(f"best epoch {result.best_epoch} of {len(result.history)}: val loss {best['val_loss']:.4f}, "
+          f"val acc {best['val_acc']:.4f} -> {result.model_path}, curves {curves}; MLflow run "
+          f"{result.run_id}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,160 @@
+"""The first hour: `pipeline demo` as a new user meets it. Its console is mostly lines a
+person needs, it is a git repository where DVC's experiment commands work, and its
+`dvc plots show` page draws every plot in a real browser with the network blocked."""
+
+from __future__ import annotations
+
+import http.server
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pipeline.project import REPO_ROOT, dvc, git, scaffold
+from tests.conftest import free_port
+
+VEGA_PLOTS = 6  # the Vega (not image) plots dvc.yaml defines
+WIDTH = 120
+
+
+def useful_lines():
+    spec = importlib.util.spec_from_file_location("useful_lines", REPO_ROOT / "tools/useful_lines.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A small demo, run as `make demo` runs it; its folder and everything it printed."""
+    root = tmp_path_factory.mktemp("first-hour") / "demo"
+    out = subprocess.run([sys.executable, "-m", "pipeline", "demo", "--dir", str(root), "--patients",
+                          "8", "--cells", "16", "--epochs", "1", "--image-size", "32"],
+                         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert out.returncode == 0, out.stdout.decode(errors="replace")[-3000:]
+    return root, out.stdout.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_demo_console_is_lines_a_person_needs(demo):
+    root, output = demo
+    counter = useful_lines()
+    kinds = [counter.kind(line) for line in counter.lines(output)]
+    share = sum(k != "noise" for k in kinds) / len(kinds)
+    assert share >= 0.8, "\n".join(f"{k:>8} {line}" for k, line in zip(kinds, counter.lines(output)))
+    assert "\x1b[" not in output  # no colour codes when the output is not a terminal
+    for stage in ("download", "prepare", "augment", "train", "evaluate", "register", "score"):
+        assert f"== {stage}: " in output
+        assert (root / "logs" / f"{stage}.log").is_file()  # the detail went there
+    assert re.search(r"epoch 1/1: train loss", output)
+    assert "TrainingReport(" not in output and "Token authentication is enabled" not in output
+
+
+@pytest.mark.slow
+def test_demo_is_a_dvc_experiment_sandbox(demo):
+    root, _ = demo
+    assert len(git(root, "log", "--oneline").splitlines()) == 2  # the copy, then its run
+    assert git(root, "status", "--porcelain").strip() == ""
+    run = lambda *args: dvc(root, *args, capture_output=True, text=True)  # noqa: E731
+    run("exp", "run", "-S", "score.batch_size=16", "-n", "smaller-batches")
+    shown = json.loads(run("exp", "show", "--json").stdout)
+    names = [rev.get("name") for commit in shown for exp in commit.get("experiments") or []
+             for rev in exp.get("revs") or []]
+    assert "smaller-batches" in names
+    assert "score.batch_size" in run("params", "diff").stdout
+    assert run("plots", "diff", "HEAD", "--json").returncode == 0
+    view = subprocess.run([sys.executable, "-m", "pipeline", "metrics"], cwd=root,
+                          capture_output=True, text=True, check=True).stdout
+    assert "smaller-batches" in view and "score.batch_size" in view
+    assert max(map(len, view.splitlines())) <= WIDTH
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """A proxy that forwards nothing: it records each request the browser tries to send."""
+
+    seen: list[str] = []
+
+    def _refuse(self):
+        self.seen.append(f"{self.command} {self.path}")
+        self.send_error(403)
+
+    do_GET = do_POST = do_HEAD = do_CONNECT = _refuse
+
+    def log_message(self, *args):
+        pass
+
+
+def _browser() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("chromium is not installed here (apt-get install chromium)")
+    return found
+
+
+def _open_blocked(page, profile) -> tuple[str, list[str]]:
+    """``page``'s DOM after headless Chromium drew it, and every request it tried to send:
+    a proxy on loopback that forwards nothing records them."""
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Recorder)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    _Recorder.seen = []
+    try:
+        dom = subprocess.run(
+            [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={profile}", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--disable-default-apps",
+             f"--proxy-server=http://127.0.0.1:{proxy.server_address[1]}",
+             "--proxy-bypass-list=<-loopback>", "--virtual-time-budget=15000", "--dump-dom",
+             page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+        time.sleep(0.5)  # a request still in flight reaches the recorder
+    finally:
+        proxy.shutdown()
+    return dom, list(_Recorder.seen)
+
+
+def _hosts(requests: list[str]) -> set[str]:
+    return {re.sub(r"^\w+ (https?://)?([^/:]+).*$", r"\2", r) for r in requests}
+
+
+@pytest.mark.slow
+def test_dvc_plots_draw_offline_in_a_real_browser(demo, tmp_path):
+    root, _ = demo
+    dvc(root, "plots", "show", capture_output=True)
+    page = root / "dvc_plots" / "index.html"
+    assert "cdn.jsdelivr" not in page.read_text()
+    dom, requests = _open_blocked(page, tmp_path / "profile")
+    views = dom.split('class="vega-embed')[1:]
+    assert len(views) == VEGA_PLOTS, dom[:2000]
+    for view in views:  # each drew its axes and its data
+        assert 'class="marks"' in view and re.search(r'class="mark-(line|rect|symbol)', view)
+    # Chromium itself calls Google's services even on an empty page; the plots page may
+    # try nothing beyond that (and here nothing leaves: the proxy forwards nothing).
+    empty = tmp_path / "empty.html"
+    empty.write_text("<!DOCTYPE html><html><body></body></html>")
+    _, baseline = _open_blocked(empty, tmp_path / "profile-empty")
+    assert _hosts(requests) <= _hosts(baseline), requests
+    assert not [r for r in requests if re.search(r"jsdelivr|vega|unpkg|cdn", r)]
+
+
+@pytest.mark.slow
+def test_online_repro_fails_fast_with_the_documented_message(tmp_path):
+    port = free_port()  # a loopback port with nothing listening: what offline looks like
+    project = scaffold(tmp_path / "project", {"download": {"sources": {"malaria": {
+        "url": f"http://127.0.0.1:{port}/cell_images.zip"}}}})
+    t0 = time.perf_counter()
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        dvc(project, "repro", "download", capture_output=True, text=True)
+    assert time.perf_counter() - t0 < 60
+    message = failed.value.stderr
+    assert f"error: cannot reach http://127.0.0.1:{port}/cell_images.zip" in message
+    assert "point the stage at a local copy" in message and "Traceback" not in message
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "cannot reach" in readme and "point the stage at a local copy" in readme
