@@ -16,20 +16,33 @@ CELL_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "sensitivi
 
 
 def binary_metrics(is_pos: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Cell-level figures for the positive class at ``threshold``."""
-    pred = (p_pos >= threshold).astype(int)
-    two = len(np.unique(is_pos)) == 2
+    """Cell-level figures for the positive class at ``threshold``.
+
+    The threshold figures come from the four confusion counts (the bootstrap calls this
+    thousands of times: scikit-learn's per-metric checks dominated); the AUCs from
+    scikit-learn. NaN where a figure is undefined (a class absent, nothing called).
+    """
+    is_pos = np.asarray(is_pos).astype(bool)
+    pred = np.asarray(p_pos) >= threshold
+    tp, fp = float(np.sum(pred & is_pos)), float(np.sum(pred & ~is_pos))
+    fn, tn = float(np.sum(~pred & is_pos)), float(np.sum(~pred & ~is_pos))
+    two = 0 < tp + fn < len(is_pos)
+    sens, spec = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
     return {
-        "accuracy": skm.accuracy_score(is_pos, pred),
-        "balanced_accuracy": skm.balanced_accuracy_score(is_pos, pred) if two else np.nan,
+        "accuracy": (tp + tn) / len(is_pos),
+        "balanced_accuracy": (sens + spec) / 2 if two else np.nan,
         "roc_auc": skm.roc_auc_score(is_pos, p_pos) if two else np.nan,
         "pr_auc": skm.average_precision_score(is_pos, p_pos) if two else np.nan,
-        "sensitivity": skm.recall_score(is_pos, pred, zero_division=np.nan),
-        "specificity": skm.recall_score(1 - is_pos, 1 - pred, zero_division=np.nan),
-        "ppv": skm.precision_score(is_pos, pred, zero_division=np.nan),
-        "npv": skm.precision_score(1 - is_pos, 1 - pred, zero_division=np.nan),
-        "f1": skm.f1_score(is_pos, pred, zero_division=np.nan),
+        "sensitivity": sens,
+        "specificity": spec,
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
     }
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else np.nan
 
 
 def bootstrap_ci(is_pos: np.ndarray, p_pos: np.ndarray, groups: np.ndarray, threshold: float,

@@ -55,3 +55,28 @@ def test_ece_and_temperature_scaling():
     t = clinical.fit_temperature(over, y)
     assert t == pytest.approx(1 / 0.3, rel=0.1)
     assert skm.log_loss(y, clinical.apply_temperature(over, t)) < skm.log_loss(y, over)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_binary_metrics_from_counts_equal_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    is_pos = rng.integers(0, 2, 200)
+    p_pos = np.clip(is_pos * 0.3 + rng.random(200) * 0.7, 0, 1)
+    for threshold in (0.2, 0.5, 0.9, 1.1):  # 1.1: nothing called positive
+        pred = (p_pos >= threshold).astype(int)
+        got = clinical.binary_metrics(is_pos, p_pos, threshold)
+        want = {"accuracy": skm.accuracy_score(is_pos, pred),
+                "balanced_accuracy": skm.balanced_accuracy_score(is_pos, pred),
+                "roc_auc": skm.roc_auc_score(is_pos, p_pos),
+                "pr_auc": skm.average_precision_score(is_pos, p_pos),
+                "sensitivity": skm.recall_score(is_pos, pred, zero_division=np.nan),
+                "specificity": skm.recall_score(1 - is_pos, 1 - pred, zero_division=np.nan),
+                "ppv": skm.precision_score(is_pos, pred, zero_division=np.nan),
+                "npv": skm.precision_score(1 - is_pos, 1 - pred, zero_division=np.nan),
+                "f1": skm.f1_score(is_pos, pred, zero_division=np.nan)}
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert np.isclose(got[key], value, equal_nan=True), (threshold, key, got[key], value)
+    one_class = clinical.binary_metrics(np.ones(5, int), np.full(5, 0.7))
+    assert np.isnan(one_class["roc_auc"]) and np.isnan(one_class["specificity"])
+    assert one_class["sensitivity"] == 1.0
