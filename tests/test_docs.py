@@ -16,3 +16,20 @@ def test_every_test_named_in_the_reliability_table_exists():
         source = (REPO / path).read_text()
         assert re.search(rf"^def {name}\(", source, re.M), f"{path}::{name} is named but not defined"
         assert "pytest.mark.skip" not in source.split(f"def {name}(")[0].rsplit("\n\n\n", 1)[-1]
+
+
+def test_readme_is_a_front_door_whose_links_resolve():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 170
+    for page in ("cluster", "datasets", "regimes", "performance", "reliability", "development"):
+        assert f"docs/{page}.md" in readme, page
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme):
+        if not target.startswith("http"):
+            assert (REPO / target).exists(), f"README links to {target}, which does not exist"
+
+
+def test_every_module_is_in_the_module_map():
+    table = (REPO / "docs" / "development.md").read_text()
+    for module in sorted((REPO / "pipeline").glob("*.py")):
+        if module.name != "__init__.py":
+            assert f"`{module.name}`" in table, f"{module.name} is missing from docs/development.md"
