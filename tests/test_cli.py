@@ -13,7 +13,7 @@ import yaml
 from tests.conftest import REPO, repo_params
 
 STAGES = ["download", "prepare", "augment", "train", "evaluate", "register", "score"]
-ARGS = {"download": 1, "prepare": 3, "augment": 3, "train": 5, "evaluate": 5, "register": 4, "score": 3}
+ARGS = {"download": 1, "prepare": 3, "augment": 3, "train": 6, "evaluate": 5, "register": 4, "score": 3}
 
 
 def run(args: list[str], cwd, **env) -> subprocess.CompletedProcess:
@@ -54,10 +54,10 @@ MISTAKES = {
     "no params.yaml here": (lambda t: None, stage("evaluate") + ["m", "p", "x.json", "plots", "r.md"],
                             "params.yaml not found"),
     "a bad param value": (lambda t: _params(t, train={"regime": "finetune"}),
-                          stage("train") + ["p", "a.yaml", "m", "x.json", "h.csv"],
+                          stage("train") + ["p", "a.yaml", "m", "x.json", "h.csv", "c.png"],
                           "train.regime: 'finetune' is not one of"),
     "an unknown param key": (lambda t: _params(t, train={"epoch": 3}),
-                             stage("train") + ["p", "a.yaml", "m", "x.json", "h.csv"], "unknown key"),
+                             stage("train") + ["p", "a.yaml", "m", "x.json", "h.csv", "c.png"], "unknown key"),
     "an unknown dataset": (lambda t: _params(t, dataset="mnist"), stage("prepare") + ["a.zip", "o", "c.md"],
                            "dataset: no download.sources.mnist"),
     "a missing archive": (lambda t: _params(t), stage("prepare") + ["gone.zip", "o", "c.md"],

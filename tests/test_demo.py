@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+import mlflow
 import pytest
 
 from pipeline.project import REPO_ROOT, dvc, git, scaffold
@@ -55,6 +56,9 @@ def test_demo_console_is_lines_a_person_needs(demo):
         assert (root / "logs" / f"{stage}.log").is_file()  # the detail went there
     assert re.search(r"epoch 1/1: train loss", output)
     assert "TrainingReport(" not in output and "Token authentication is enabled" not in output
+    # Synthetic data is called synthetic wherever a person reads about it.
+    assert "**Synthetic** demo images" in (root / "reports/data_card.md").read_text()
+    assert "synthetic demo images, not real cells" in (root / "reports/evaluate.md").read_text()
 
 
 @pytest.mark.slow
@@ -74,6 +78,10 @@ def test_demo_is_a_dvc_experiment_sandbox(demo):
                           capture_output=True, text=True, check=True).stdout
     assert "smaller-batches" in view and "score.batch_size" in view
     assert max(map(len, view.splitlines())) <= WIDTH
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("malaria").experiment_id])
+    assert {r.info.run_name.split("/")[0] for r in runs} == {"workspace"}  # train ran once
+    assert all("SYNTHETIC demo images" in r.data.tags["mlflow.note.content"] for r in runs)
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):

@@ -47,8 +47,11 @@ def test_dvc_repro_runs_every_stage_on_the_real_sample(sample_zip, tmp_path):
     assert "Patient level" in report and "bootstrap over" in report
     registered = json.loads((project / "models/register.json").read_text())
     assert registered["promoted"] and registered["version"] == "1"
-    tags = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version("malaria", "1").tags
+    version = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version("malaria", "1")
+    tags = version.tags
     assert {"dataset_id", "git_commit", "run_id", "split_id", "test_roc_auc"} <= set(tags)
+    assert len(tags) <= 15 and all(len(v) < 500 for v in tags.values())  # no wall of tags
+    assert "is the first model: alias set" in version.description and tags["run_id"] in version.description
     scores = pd.read_parquet(project / "data/scores/predictions.parquet")
     assert len(scores) == metrics["n"] and scores["error"].isna().all()
     assert set(scores["path"]) == set(manifest.loc[manifest["split"] == "test", "path"])
@@ -61,6 +64,15 @@ def test_dvc_repro_runs_every_stage_on_the_real_sample(sample_zip, tmp_path):
     run = mlflow.get_run(run_id)
     assert {"train_loss", "val_loss", "val_acc", "test_accuracy", "test_roc_auc"} <= set(run.data.metrics)
     assert run.data.params["train.model"] == "efficientnet_lite0"
+    assert run.info.run_name == "workspace/efficientnet_lite0-finetune_all-32px-1ep"
+    note = run.data.tags["mlflow.note.content"]
+    assert "real images" in note and "Split by patient" in note and "Test figures on" in note
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"malaria-train", "malaria-val"}
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert {"params.yaml", "reports", "plots"} <= artifacts
+    assert {"plots/evaluate", "plots/train"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "plots")}
+    description = mlflow.MlflowClient().get_registered_model("malaria").description
+    assert "## Input contract" in description and "## Validation" in description
     champion = mlflow.MlflowClient().get_model_version_by_alias("malaria", "champion")
     assert str(champion.version) == "1"
 
