@@ -98,5 +98,5 @@ def progress(iterable: Iterable[Any] | None = None, **kwargs: Any):
 def header(stage: str, doc: str | None, log_path: Path) -> None:
     """The first console line of a stage: its name, what it does, where its details go."""
     what = (doc or "").strip().splitlines()[0] if doc else ""
-    what = what.split(":", 1)[1].strip() if ":" in what else what
+    what = (what.split(":", 1)[1] if ":" in what else what).strip().rstrip(".")
     print(f"\n== {stage}: {what} (details: {log_path})", flush=True)

@@ -24,12 +24,23 @@ def run_stage(main: Callable[..., None], doc: str | None) -> None:
         prog=f"python {sys.argv[0]}", description=doc,
         epilog=f"dvc repro runs this with the paths in dvc.yaml; params come from params.yaml in "
                f"the current folder. {DEBUG_ENV}=1 shows the traceback of an error.")
-    for name in names:
-        parser.add_argument(name)
-    args = parser.parse_args()
     stage = Path(sys.argv[0]).stem
+    given = _dvc_yaml_args(stage)
+    for i, name in enumerate(names):
+        parser.add_argument(name, help=f"{name.replace('_', ' ')} path" +
+                            (f" (dvc.yaml passes {given[i]})" if i < len(given) else ""))
+    args = parser.parse_args()
     header(stage, doc, stage_logging(stage))
     run_cli(lambda: main(*(getattr(args, n) for n in names)))
+
+
+def _dvc_yaml_args(stage: str) -> list[str]:
+    """The arguments ``dvc.yaml`` gives ``stage`` (for ``--help``); none if it cannot say."""
+    try:
+        stages = yaml.safe_load((Path(__file__).resolve().parent.parent / "dvc.yaml").read_text())
+        return str(stages["stages"][stage]["cmd"]).split()[2:]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return []
 
 
 PARAMS_FILE = Path("params.yaml")
