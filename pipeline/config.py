@@ -48,7 +48,7 @@ class PrepareConfig(Checked):
 
     SECTION = "prepare"
     RANGES = {"image_size": (8, 4096), "val_ratio": (0.0, 0.95), "test_ratio": (0.0, 0.95),
-              "max_images": (0, None), "max_archive_bytes": (1, None),
+              "max_images": (0, None), "max_archive_bytes": (1, None), "workers": (0, None),
               "max_compression_ratio": (1.0, None)}
 
     image_size: int = 96
@@ -56,6 +56,7 @@ class PrepareConfig(Checked):
     test_ratio: float = 0.15
     seed: int = 42
     max_images: int = 0  # 0 keeps every image; >0 takes a seeded random subset
+    workers: int = 0  # processes decoding and resizing; 0: one per core
     groups_csv: str = ""  # imagefolder: CSV of path,group for grouped splits
     drop_duplicates: bool = False  # drop identical images that recur in a later split
     max_archive_bytes: int = 8 << 30  # refuse an archive declaring more, uncompressed

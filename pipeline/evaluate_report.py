@@ -79,12 +79,13 @@ def write_report(path: Path, about: About, metrics: dict, binary: BinaryTables |
     return path
 
 
-def artifact_dirs(files: list[Path], report: Path) -> dict[Path, str]:
-    """The MLflow artifact folder of each file: its folder relative to the folder the report
-    and the plots share, so the report's relative links resolve in MLflow too."""
+def artifact_dirs(files: list[Path], report: Path) -> dict[Path, str | None]:
+    """The MLflow artifact folder of each file (None: the top): its folder relative to the
+    folder the report and the plots share, so the report's relative links resolve in MLflow too."""
     resolved = [Path(f).resolve() for f in files]
     root = Path(os.path.commonpath([report.resolve().parent, *(f.parent for f in resolved)]))
-    return {f: os.path.relpath(f.parent, root).replace(os.sep, "/") for f in resolved}
+    dirs = {f: os.path.relpath(f.parent, root).replace(os.sep, "/") for f in resolved}
+    return {f: None if d == "." else d for f, d in dirs.items()}
 
 
 def _binary_sections(b: BinaryTables, metrics: dict) -> list[str]:

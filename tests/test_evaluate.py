@@ -51,6 +51,8 @@ def test_report_links_resolve_in_the_mlflow_layout(tmp_path):
     report, plot = tmp_path / "reports" / "evaluate.md", tmp_path / "plots" / "evaluate" / "roc.png"
     dirs = artifact_dirs([plot, report], report)
     assert dirs == {plot.resolve(): "plots/evaluate", report.resolve(): "reports"}
+    beside = tmp_path / "evaluate.md"  # the report at the top: MLflow's top folder, not "."
+    assert artifact_dirs([plot, beside], beside) == {plot.resolve(): "plots/evaluate", beside.resolve(): None}
 
 
 def test_undefined_patient_specificity_is_said_in_words():

@@ -133,3 +133,23 @@ def test_a_failure_midway_removes_the_temporary_folder(tmp_path, synthetic_zip, 
     with pytest.raises(OSError, match="No space left"):
         prepare(synthetic_zip, tmp_path / "prepared", PrepareConfig(image_size=16), "malaria")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parallel_prepare_writes_the_same_bytes_as_one_process(tmp_path):
+    import hashlib
+
+    from pipeline.config import PrepareConfig
+    from pipeline.synthetic import make_archive
+
+    archive = make_archive(tmp_path / "cells.zip", n_patients=20, cells_per_patient=55, seed=3,
+                           corrupt=2)  # over 1,000 images: two workers of PER_WORKER or more
+
+    def prepared(workers: int) -> dict[str, str]:
+        out = tmp_path / f"w{workers}"
+        prepare(archive, out, PrepareConfig(image_size=32, workers=workers), "malaria")
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file()}
+
+    one, two = prepared(1), prepared(2)
+    assert len(one) > 1000 and any(k.startswith("quarantine/") for k in one)
+    assert one == two
