@@ -25,7 +25,7 @@ def test_a_dead_server_fails_the_train_stage_at_once_naming_it(prepared_syntheti
     dead = f"http://127.0.0.1:{free_port()}"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), str(prepared_synthetic),
-                           "augment.yaml", "models", "train.json", "history.csv"], cwd=tmp_path,
+                           "augment.yaml", "models", "train.json", "history.csv", "curves.png"], cwd=tmp_path,
                           env={**os.environ, "MLFLOW_TRACKING_URI": dead}, capture_output=True,
                           text=True, timeout=300)
     elapsed = time.perf_counter() - t0
@@ -34,7 +34,9 @@ def test_a_dead_server_fails_the_train_stage_at_once_naming_it(prepared_syntheti
     assert last == (f"error: the MLflow tracking server {dead} does not answer: start it, or set "
                     "MLFLOW_TRACKING_URI to one that runs (unset: a local mlflow.db)")
     assert elapsed < 60, elapsed  # the client's default retries would take minutes
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["augment.yaml", "params.yaml"]  # no training
+    # No training: nothing beside the inputs but the stage's log file.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["augment.yaml", "logs", "params.yaml"]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["train.log"]
 
 
 @pytest.mark.slow
