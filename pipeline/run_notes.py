@@ -47,9 +47,11 @@ def with_test_figures(description: str, metrics: dict[str, Any]) -> str:
             ci = (f" (95% CI {metrics[key + '_ci_low']:.3f} to {metrics[key + '_ci_high']:.3f})"
                   if key + "_ci_low" in metrics else "")
             figures.append(f"{key} {metrics[key]:.4f}{ci}")
-    head = description.rsplit("\n\nTest figures:", 1)[0]
-    return (f"{head}\n\nTest figures on {metrics.get('n', '?')} cells of "
-            f"{metrics.get('patients', '?')} unseen patients: {'; '.join(figures)}.")
+    head = description.rsplit("\n\nTest figures", 1)[0]
+    cells, patients = (int(metrics[k]) if isinstance(metrics.get(k), (int, float)) else "?"
+                       for k in ("n", "patients"))
+    return (f"{head}\n\nTest figures on {cells} cells of {patients} unseen patients: "
+            f"{'; '.join(figures)}.")
 
 
 def log_inputs(data: PreparedData, dataset: str) -> None:
