@@ -212,8 +212,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(epoch_line(metrics, cfg.epochs), flush=True)
         if stop:
-            log.info("early stopping after epoch %d: no val_loss improvement for %d epochs",
-                     epoch + 1, state.stopper.patience)
+            if rank == 0:
+                print(f"early stopping after epoch {epoch + 1}: no val_loss improvement for "
+                      f"{state.stopper.patience} epochs", flush=True)
             break
 
 
@@ -221,10 +222,12 @@ def _quiet_train_reports() -> None:
     """Ray Train logs each report (metrics and checkpoint path) at INFO from a logger named
     after its source file, which ``LoggingConfig`` does not reach; rank 0 prints its own line.
     MLflow's store set-up stays quiet too (:func:`pipeline.console.quiet_worker`)."""
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
     quiet_worker()
+    try:  # a private module: if Ray moves it, the reports are merely verbose again
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def epoch_line(metrics: dict[str, float], epochs: int) -> str:

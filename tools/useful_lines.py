@@ -22,6 +22,7 @@ KINDS = {
     "header": re.compile(r"^(== [\w-]+: |Running stage |> python |\*\*\* |project: )"),
     "summary": re.compile(
         r"^" + WORKER + r"(prepared \d+ images|policy: |best epoch |test \(|epoch \d+/\d+: |"
+        r"early stopping after epoch |"
         r"\d+ images scored|\S+: [\d,]+ bytes, sha256 |\S+ v\d+ (is|beats|does not beat|stays) )"),
     "warning": re.compile(r"^(WARNING|ERROR|error): "),
     "pointer": re.compile(r"(-> |^cd \S+, then:$|^  [\w ()-]+:\s{2,}\S)"),
