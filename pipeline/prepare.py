@@ -244,8 +244,8 @@ def _extract(
     skipped = [m.filename for m in members if not is_image_name(m.filename)]
     names = [m.filename for m in members if is_image_name(m.filename)]
     with _members(archive, root, spec, size, workers, len(names)) as read:
-        for name, got in zip(names, progress(read(names), total=len(names), desc="prepare",
-                                             unit="img")):
+        for name, got in progress(zip(names, read(names)), total=len(names), desc="prepare",
+                                  unit="img"):
             if len(got) == 1:
                 bad.append((name, got[0]))
                 continue

@@ -30,17 +30,27 @@ KINDS = {
 
 
 def lines(text: str) -> list[str]:
-    """The output as a person reads it: carriage-return redraws collapsed to their last
-    state, colour codes removed, empty lines dropped."""
-    out = []
+    """The output as a person reads it: colour codes removed, carriage-return redraws and
+    bars drawn again later collapsed to each bar's last state, empty lines dropped; text
+    another process wrote right after a bar's state (before the next newline) is kept."""
+    out: list[str] = []
     for physical in ANSI.sub("", text).split("\n"):
-        states = [s for s in physical.split("\r") if s.strip()]
-        if not states:
-            continue
-        *redrawn, last = states
-        # Progress redraws before the final state are dropped; other text before a bar is kept.
-        out += [s for s in redrawn if not BAR.search(s)] + [last]
-    return out
+        for state in physical.split("\r"):
+            out += _split_bar(state)
+    out = [line for line in out if line.strip()]
+    last_of = {_bar_name(line): i for i, line in enumerate(out) if BAR.search(line)}
+    return [line for i, line in enumerate(out) if not BAR.search(line) or last_of[_bar_name(line)] == i]
+
+
+def _split_bar(state: str) -> list[str]:
+    """A bar's state (up to its closing ``]``) and any text after it, as separate lines."""
+    match = BAR.search(state)
+    end = state.find("]", match.end()) if match else -1
+    return [state] if end < 0 else [state[:end + 1], state[end + 1:]]
+
+
+def _bar_name(line: str) -> str:
+    return line[:BAR.search(line).start()].rstrip(" :0123456789")
 
 
 def kind(line: str) -> str:
