@@ -100,3 +100,23 @@ def header(stage: str, doc: str | None, log_path: Path) -> None:
     what = (doc or "").strip().splitlines()[0] if doc else ""
     what = (what.split(":", 1)[1] if ":" in what else what).strip().rstrip(".")
     print(f"\n== {stage}: {what} (details: {log_path})", flush=True)
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker: Ray Train logs each report (metrics and checkpoint path) at
+    INFO from a logger named after its source file, which ``LoggingConfig`` does not reach;
+    rank 0 prints :func:`epoch_line` instead. MLflow stays quiet too (:func:`quiet_worker`)."""
+    quiet_worker()
+    try:  # a private module: if Ray moves it, the reports are merely verbose again
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def epoch_line(metrics: dict[str, float], epochs: int) -> str:
+    """One console line for one epoch (rank 0 prints it)."""
+    return (f"epoch {metrics['epoch']}/{epochs}: train loss {metrics['train_loss']:.4f} acc "
+            f"{metrics['train_acc']:.4f} | val loss {metrics['val_loss']:.4f} acc "
+            f"{metrics['val_acc']:.4f} | {metrics['images_per_s']:.0f} img/s, "
+            f"{metrics['epoch_time_s']:.1f} s")

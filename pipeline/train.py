@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from pipeline import run_notes
 from pipeline.augment import load_policy
 from pipeline.config import TrainConfig, UserError, flatten
-from pipeline.console import quiet_worker
+from pipeline.console import epoch_line, quiet_train_worker
 from pipeline.engine import (ArrayDataset, EpochContext, NonFiniteLossError, collate, evaluate_epoch,
                              train_one_epoch)
 from pipeline.inference import ModelMeta, save_checkpoint
@@ -177,7 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train.torch import get_device
 
     cfg: TrainConfig = config["cfg"]
-    _quiet_train_reports()
+    quiet_train_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(cfg.seed + rank)
@@ -216,26 +216,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 print(f"early stopping after epoch {epoch + 1}: no val_loss improvement for "
                       f"{state.stopper.patience} epochs", flush=True)
             break
-
-
-def _quiet_train_reports() -> None:
-    """Ray Train logs each report (metrics and checkpoint path) at INFO from a logger named
-    after its source file, which ``LoggingConfig`` does not reach; rank 0 prints its own line.
-    MLflow's store set-up stays quiet too (:func:`pipeline.console.quiet_worker`)."""
-    quiet_worker()
-    try:  # a private module: if Ray moves it, the reports are merely verbose again
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def epoch_line(metrics: dict[str, float], epochs: int) -> str:
-    """One console line for one epoch (rank 0 prints it)."""
-    return (f"epoch {metrics['epoch']}/{epochs}: train loss {metrics['train_loss']:.4f} acc "
-            f"{metrics['train_acc']:.4f} | val loss {metrics['val_loss']:.4f} acc "
-            f"{metrics['val_acc']:.4f} | {metrics['images_per_s']:.0f} img/s, "
-            f"{metrics['epoch_time_s']:.1f} s")
 
 
 def _loaders(config: dict[str, Any], rank: int, world: int):
