@@ -22,6 +22,8 @@ from pipeline.project import REPO_ROOT, dvc, git, scaffold
 from tests.conftest import free_port
 
 VEGA_PLOTS = 6  # the Vega (not image) plots dvc.yaml defines
+# Where Chromium calls on its own (sign-in, time, updates), at moments that vary run to run.
+CHROMIUM_OWN = re.compile(r"(^|\.)(google|googleapis|gstatic|gvt1)\.com$")
 WIDTH = 120
 
 
@@ -148,7 +150,8 @@ def test_dvc_plots_draw_offline_in_a_real_browser(demo, tmp_path):
     empty = tmp_path / "empty.html"
     empty.write_text("<!DOCTYPE html><html><body></body></html>")
     _, baseline = _open_blocked(empty, tmp_path / "profile-empty")
-    assert _hosts(requests) <= _hosts(baseline), requests
+    unexpected = {host for host in _hosts(requests) - _hosts(baseline) if not CHROMIUM_OWN.search(host)}
+    assert not unexpected, requests
     assert not [r for r in requests if re.search(r"jsdelivr|vega|unpkg|cdn", r)]
 
 
