@@ -30,8 +30,12 @@ def run_stage(main: Callable[..., None], doc: str | None) -> None:
         parser.add_argument(name, help=f"{name.replace('_', ' ')} path" +
                             (f" (dvc.yaml passes {given[i]})" if i < len(given) else ""))
     args = parser.parse_args()
-    header(stage, doc, stage_logging(stage))
-    run_cli(lambda: main(*(getattr(args, n) for n in names)))
+
+    def run() -> None:
+        header(stage, doc, stage_logging(stage))  # inside run_cli: an unwritable logs/ is one line
+        main(*(getattr(args, n) for n in names))
+
+    run_cli(run)
 
 
 def _dvc_yaml_args(stage: str) -> list[str]:
