@@ -15,7 +15,7 @@ from pipeline import clinical, run_notes
 from pipeline.config import EvaluateConfig
 from pipeline.evaluate_report import About, BinaryTables, artifact_dirs, write_report
 from pipeline.inference import Predictor
-from pipeline.metrics import classification_metrics
+from pipeline.metrics import HEADLINE_METRICS, classification_metrics
 from pipeline.plots import write_plots
 from pipeline.prepared import PreparedData
 from pipeline.utils import write_json
@@ -127,7 +127,7 @@ def _binary(cfg: EvaluateConfig, val: SplitPredictions, test: SplitPredictions, 
            "npv": float(at_05.at["npv", "value"]), "ece": ece, "operating_threshold": thr,
            "operating_sensitivity": float(at_op.at["sensitivity", "value"]),
            "operating_specificity": float(at_op.at["specificity", "value"]), **patient_summary}
-    for metric in ("accuracy", "roc_auc", "sensitivity", "specificity"):
+    for metric in HEADLINE_METRICS:
         out[f"{metric}_ci_low"] = float(at_05.at[metric, "ci_low"])
         out[f"{metric}_ci_high"] = float(at_05.at[metric, "ci_high"])
     ci_title = (f"({cfg.ci_level:.0%} CI, bootstrap over {len(np.unique(test.groups))} patients "

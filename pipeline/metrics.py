@@ -7,6 +7,9 @@ from sklearn import metrics as skm
 
 # Metrics where lower is better; everything else reported here is higher-is-better.
 LOWER_IS_BETTER = frozenset({"loss", "log_loss", "ece"})
+# The test figures evaluate gives patient-bootstrap CIs, which people compare first: the
+# run's description, the version tags and the short metrics view all show these.
+HEADLINE_METRICS = ("accuracy", "roc_auc", "sensitivity", "specificity")
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str],

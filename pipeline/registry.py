@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.console import into_log
 from pipeline.config import RegisterConfig, UserError
-from pipeline.metrics import is_better
+from pipeline.metrics import HEADLINE_METRICS, is_better
 from pipeline.prepared import PreparedData
 from pipeline.serving import CONTRACT, metrics_on_split
 from pipeline.tracking import setup_mlflow
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 
 TRAIN_GROUPS_ARTIFACT = "registry/train_groups.json"
-HEADLINE_TAGS = ("accuracy", "roc_auc", "sensitivity", "specificity")  # test_<metric> version tags
 
 
 class ComparisonRefused(Exception):
@@ -169,7 +168,7 @@ def provenance(data: PreparedData, test_metrics: dict[str, Any]) -> dict[str, st
         commit = "unknown (not a git checkout)"
     tags = {"dataset_id": data.dataset_id(), "git_commit": commit}
     # The headline figures only: every other test metric is on the run, not 30 tags a version.
-    tags.update({f"test_{k}": f"{test_metrics[k]:.6f}" for k in HEADLINE_TAGS
+    tags.update({f"test_{k}": f"{test_metrics[k]:.6f}" for k in HEADLINE_METRICS
                  if isinstance(test_metrics.get(k), float)})
     return tags
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pipeline.metrics import HEADLINE_METRICS
 from pipeline.prepared import PreparedData
 
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
-HEADLINE = ("accuracy", "roc_auc", "sensitivity", "specificity")
 
 
 def run_name(model: str, regime: str, image_size: int, epochs: int) -> str:
@@ -30,8 +30,8 @@ def data_words(data: PreparedData, dataset: str) -> str:
 
 def run_description(cfg: Any, data: PreparedData, dataset: str) -> str:
     """The training run's description before evaluation: what, on what, which split."""
-    counts = {s: (len(data.rows(s)), data.rows(s)["patient_id"].nunique()) for s in ("train", "val", "test")}
-    split = "; ".join(f"{s} {n} cells / {p} patients" for s, (n, p) in counts.items())
+    rows = {s: data.rows(s) for s in ("train", "val", "test")}
+    split = "; ".join(f"{s} {len(r)} cells / {r['patient_id'].nunique()} patients" for s, r in rows.items())
     return (f"Trains {cfg.model} ({cfg.regime}) at {data.image_size} px for up to {cfg.epochs} "
             f"epochs, classes {', '.join(data.class_names)}.\n\n"
             f"Data: {data_words(data, dataset)}, dataset id `{data.dataset_id()}`.\n\n"
@@ -42,7 +42,7 @@ def run_description(cfg: Any, data: PreparedData, dataset: str) -> str:
 def with_test_figures(description: str, metrics: dict[str, Any]) -> str:
     """``description`` with its last paragraph replaced by the test figures and their CIs."""
     figures = []
-    for key in HEADLINE:
+    for key in HEADLINE_METRICS:
         if isinstance(metrics.get(key), float):
             ci = (f" (95% CI {metrics[key + '_ci_low']:.3f} to {metrics[key + '_ci_high']:.3f})"
                   if key + "_ci_low" in metrics else "")

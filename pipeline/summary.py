@@ -16,6 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.metrics import HEADLINE_METRICS
+
 WIDTH = 120
 METRICS_FILE = Path("metrics/evaluate.json")
 TRAIN_METRICS_FILE = Path("metrics/train.json")
@@ -23,7 +25,6 @@ TRAIN_METRICS_FILE = Path("metrics/train.json")
 HEADLINE = (("accuracy", "acc"), ("roc_auc", "auc"), ("sensitivity", "sens"),
             ("specificity", "spec"), ("ppv", "ppv"), ("npv", "npv"),
             ("patient_accuracy", "pat_acc"))
-WITH_CI = ("accuracy", "roc_auc", "sensitivity", "specificity")
 
 
 def headline(metrics: dict[str, Any]) -> str:
@@ -43,7 +44,7 @@ def metrics_view(metrics: dict[str, Any], train: dict[str, Any] | None = None) -
         if key not in metrics:
             continue
         ci = (f"{_num(metrics.get(key + '_ci_low'))} to {_num(metrics.get(key + '_ci_high'))}"
-              if key in WITH_CI and key + "_ci_low" in metrics else "")
+              if key in HEADLINE_METRICS and key + "_ci_low" in metrics else "")
         rows.append({"metric": key, "value": _num(metrics[key]), "95% CI (patients)": ci})
     n = f"test split: {_count(metrics, 'n')} cells, {_count(metrics, 'patients')} patients"
     lines = [n, pd.DataFrame(rows).to_string(index=False)]
