@@ -1,8 +1,9 @@
 """Command line: ``pipeline demo`` (every stage on synthetic cells), ``pipeline metrics``
 (headline figures and experiments in 120 columns), ``pipeline score`` (batch scoring
 outside DVC), ``pipeline rollback`` (move the champion alias back), ``pipeline report
-regimes`` (the transfer-learning table), ``pipeline benchmark`` (throughput), ``pipeline
-plots-template`` (offline ``dvc plots show``)."""
+regimes`` (the transfer-learning table), ``pipeline crossval`` / ``pipeline sweep``
+(patient-grouped cross-validation of the params or of a grid of them), ``pipeline
+benchmark`` (throughput), ``pipeline plots-template`` (offline ``dvc plots show``)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,43 @@ def report_cmd(args: argparse.Namespace) -> None:
     print(write_regime_table(args.prepared, args.epochs, args.out, args.work_dir))
 
 
+def crossval_cmd(args: argparse.Namespace) -> None:
+    """Cross-validate the params of params.yaml by patient; write the report and metrics."""
+    from dataclasses import replace
+
+    from pipeline.config import read_params
+    from pipeline.crossval_report import crossval_params
+
+    params = read_params(Path(args.params))
+    params = replace(params, crossval=replace(params.crossval, **{k: v for k, v in
+                                                                  (("folds", args.folds), ("seed", args.seed))
+                                                                  if v is not None}))
+    result, report = crossval_params(params, args.prepared, args.out, args.metrics)
+    p = result.pooled
+    print(f"{params.crossval.folds}-fold cross-validation over {p['patients']} patients: OOF accuracy "
+          f"{p['accuracy']:.4f}, AUC {p['roc_auc']:.4f} -> {report}")
+
+
+def sweep_cmd(args: argparse.Namespace) -> None:
+    """Cross-validate every configuration of a grid file; write the sweep table."""
+    from dataclasses import replace
+
+    import yaml
+
+    from pipeline.config import read_params
+    from pipeline.crossval_report import sweep
+
+    params = read_params(Path(args.params))
+    if args.seed is not None:
+        params = replace(params, crossval=replace(params.crossval, seed=args.seed))
+    grid = yaml.safe_load(Path(args.grid).read_text())
+    results = sweep(params, {n: ov or {} for n, ov in grid.items()}, args.prepared, args.raw, args.out)
+    print((Path(args.out) / "sweep.md").read_text())
+    failed = [f for r in results for f in r.failed]
+    if failed:
+        print(f"{len(failed)} trial(s) failed: " + "; ".join(failed))
+
+
 def benchmark_cmd(args: argparse.Namespace) -> None:
     """Run one throughput comparison and print it as JSON."""
     import json
@@ -123,6 +161,25 @@ def _add_report(sub) -> None:
     p.add_argument("--out", default="docs/regimes.md", help="the markdown table")
     p.add_argument("--work-dir", default="data/regimes", help="where each regime's model goes")
     p.set_defaults(func=report_cmd)
+
+
+def _add_crossval(sub) -> None:
+    p = sub.add_parser("crossval", help="patient-grouped k-fold cross-validation of params.yaml")
+    p.add_argument("--params", default="params.yaml", help="the params to cross-validate")
+    p.add_argument("--prepared", default="data/prepared", help="output of the prepare stage")
+    p.add_argument("--folds", type=int, help="folds (default: crossval.folds)")
+    p.add_argument("--seed", type=int, help="fold assignment seed (default: crossval.seed)")
+    p.add_argument("--out", default="reports/crossval", help="report, OOF table, label issues")
+    p.add_argument("--metrics", default="metrics/crossval.json", help="pooled OOF metrics")
+    p.set_defaults(func=crossval_cmd)
+    p = sub.add_parser("sweep", help="cross-validate a grid of configurations as parallel trials")
+    p.add_argument("grid", help="YAML: configuration name -> {dotted.param: value} overrides")
+    p.add_argument("--params", default="params.yaml", help="the params the overrides change")
+    p.add_argument("--prepared", default="data/prepared", help="output of the prepare stage")
+    p.add_argument("--raw", help="the raw archive, for configurations at another image size")
+    p.add_argument("--seed", type=int, help="fold assignment seed (default: crossval.seed)")
+    p.add_argument("--out", default="reports/sweep", help="sweep.md, sweep.json, one report each")
+    p.set_defaults(func=sweep_cmd)
 
 
 def _add_benchmark(sub) -> None:
@@ -200,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_views(sub)
     _add_score_and_rollback(sub)
     _add_report(sub)
+    _add_crossval(sub)
     _add_benchmark(sub)
     return parser
 

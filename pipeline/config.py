@@ -1,13 +1,14 @@
 """Typed, frozen configuration objects for every stage, built from plain dicts.
 
-The library never reads ``params.yaml`` itself: stage scripts load a section and
-call :func:`from_dict`, which refuses unknown keys so a typo in ``params.yaml``
+The library never reads ``params.yaml`` itself: entry points (stage scripts, the
+``pipeline`` command) call :func:`read_params`, which uses :func:`from_dict`: it refuses unknown keys so a typo in ``params.yaml``
 is an error that names the key rather than a silently ignored setting.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # The config machinery, re-exported: the rest of the package imports it from here.
 from pipeline.typedconfig import (Checked, ConfigError, UserError, flatten,  # noqa: F401
@@ -206,6 +207,18 @@ class ScoreConfig(Checked):
 
 
 @dataclass(frozen=True)
+class CrossvalConfig(Checked):
+    """Patient-grouped cross-validation over the training and validation patients."""
+
+    SECTION = "crossval"
+    RANGES = {"folds": (2, None)}
+
+    folds: int = 3
+    seed: int = 0  # fold assignment; another seed re-checks a choice made on these folds
+    exclude: str = ""  # CSV with a path column (e.g. label_issues.csv): cells kept out of training
+
+
+@dataclass(frozen=True)
 class Params:
     """Every section of ``params.yaml``."""
 
@@ -217,6 +230,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    crossval: CrossvalConfig = field(default_factory=CrossvalConfig)
 
     def __post_init__(self) -> None:
         # Every dataset of pipeline/datasets.py has its source here, so this also
@@ -225,3 +239,22 @@ class Params:
             raise ConfigError(f"dataset: no download.sources.{self.dataset} in params.yaml; datasets "
                               f"with a source: {', '.join(sorted(self.download.sources))} (a new one "
                               "needs an entry in pipeline/datasets.py and its source)")
+
+
+def read_params(path: Path) -> Params:
+    """Every section of a ``params.yaml`` as typed config (for entry points, not the library).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: a bad key or value, named.
+    """
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found in {Path.cwd()}: run from the project root "
+                                "(dvc repro does)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        return from_dict(Params, raw, where=str(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -85,6 +85,13 @@ def quiet_worker() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def quiet_trial() -> None:
+    """In a Ray Tune trial: its checkpoint notices and MLflow's set-up stay out of the console."""
+    quiet_worker()
+    for name in ("ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def progress(iterable: Iterable[Any] | None = None, **kwargs: Any):
     """A tqdm progress bar; when the output is not a terminal (CI, a log file), plain ASCII
     and an update every 30 s rather than a stream of redrawn lines."""

@@ -93,6 +93,21 @@ def gradcam_grid(images: np.ndarray, cams: np.ndarray, titles: list[str], path: 
     return _save(fig, path)
 
 
+def thumbnail_grid(images: np.ndarray, titles: list[str], path: str | Path, title: str,
+                   cols: int = 8) -> Path:
+    """Images in a grid, each with a short caption (cells a person should look at)."""
+    rows = max(1, int(np.ceil(len(images) / cols)))
+    fig = figure((cols * 1.5, rows * 1.7))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, img, caption in zip(axes.ravel(), images, titles):
+        ax.imshow(img)
+        ax.set_title(caption, fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, Path(path))
+
+
 def _save(fig: Figure, path: Path, dpi: int = 120) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:

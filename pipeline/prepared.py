@@ -117,3 +117,32 @@ class PreparedData:
     def dataset_id(self) -> str:
         """The split ids of train, val and test, joined."""
         return "-".join(self.split_id(s) for s in SPLITS)
+
+
+def write_resplit(data: PreparedData, splits: pd.Series, dest: str | Path) -> PreparedData:
+    """A prepared folder at ``dest`` holding ``data``'s images re-split: ``splits`` maps a
+    manifest ``path`` to its new split; rows it leaves out are not in the new folder.
+
+    The arrays are gathered from ``data``'s (no decoding) and the original files are a
+    symlink, so a cross-validation fold is a prepared folder like any other: the normal
+    training and prediction code reads it.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    rows = data.manifest[data.manifest["path"].isin(splits.index)].copy()
+    rows["old_split"], rows["old_index"] = rows["split"], rows["index"]
+    rows["split"] = rows["path"].map(splits)
+    parts = []
+    for split in SPLITS:
+        part = rows[rows["split"] == split].sort_values(["old_split", "old_index"]).copy()
+        images = [np.load(data.root / array_file(s), mmap_mode="r")[g["old_index"].to_numpy()]
+                  for s, g in part.groupby("old_split", sort=True)]
+        shape = (0, data.image_size, data.image_size, 3)
+        np.save(dest / array_file(split), np.concatenate(images) if images else np.zeros(shape, np.uint8))
+        part["index"] = np.arange(len(part))
+        parts.append(part.drop(columns=["old_split", "old_index"]))
+    pd.concat(parts, ignore_index=True).to_parquet(dest / MANIFEST, index=False)
+    (dest / REPORT).write_text((data.root / REPORT).read_text())
+    if not (dest / IMAGES_DIR).exists():
+        (dest / IMAGES_DIR).symlink_to(data.images_dir.resolve(), target_is_directory=True)
+    return PreparedData(dest)

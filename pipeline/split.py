@@ -35,16 +35,16 @@ def group_split(
     if n_groups < 3:
         raise ValueError(f"need at least 3 patients/groups to split, found {n_groups}")
     split = np.full(len(labels), "train", dtype=object)
-    test_idx = _one_fold(labels, groups, test_ratio, seed)
+    test_idx = one_fold(labels, groups, test_ratio, seed)
     split[test_idx] = "test"
     rest = np.flatnonzero(split == "train")
     val_share = val_ratio / (1.0 - test_ratio)
-    val_idx = _one_fold(labels[rest], groups[rest], val_share, seed + 1)
+    val_idx = one_fold(labels[rest], groups[rest], val_share, seed + 1)
     split[rest[val_idx]] = "val"
     return split.astype(str)
 
 
-def _one_fold(labels: np.ndarray, groups: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+def one_fold(labels: np.ndarray, groups: np.ndarray, ratio: float, seed: int) -> np.ndarray:
     """Indices of one stratified group fold holding about ``ratio`` of the samples."""
     n_groups = len(np.unique(groups))
     n_splits = int(min(max(2, round(1.0 / ratio)), n_groups))

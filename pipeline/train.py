@@ -68,11 +68,16 @@ def train(
     out_dir: str | Path,
     experiment: str,
     extra_params: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    register_model: bool = True,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``prepared`` with Ray Train; best checkpoint → ``out_dir``.
 
     ``policy`` is the Albumentations policy in its serialised form
-    (:func:`pipeline.augment.policy`, or the file the ``augment`` stage wrote).
+    (:func:`pipeline.augment.policy`, or the file the ``augment`` stage wrote). A trial of
+    a sweep or a cross-validation fold passes ``parent_run_id`` (its MLflow run is a child
+    of that run) and ``register_model=False`` (the checkpoint is enough: no MLflow model).
     """
     import mlflow
 
@@ -85,8 +90,9 @@ def train(
     params = flatten({"train": asdict(cfg), **(extra_params or {})})
     params["augment.policy"] = ",".join(t["__class_fullname__"] for t in policy["transform"]["transforms"])
     store = run_store(cfg.storage_path, cfg.model, params, data)
-    run = mlflow.start_run(run_id=previous_run_id(store),
-                           run_name=run_notes.run_name(cfg.model, cfg.regime, meta.image_size, cfg.epochs),
+    run = mlflow.start_run(run_id=previous_run_id(store), parent_run_id=parent_run_id,
+                           run_name=run_name or run_notes.run_name(cfg.model, cfg.regime,
+                                                                   meta.image_size, cfg.epochs),
                            description=run_notes.run_description(cfg, data, experiment),
                            log_system_metrics=cfg.system_metrics)
     try:
@@ -110,7 +116,8 @@ def train(
         mlflow.log_metrics({"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
                             "best_val_acc": best["val_acc"]})
         mlflow.log_artifact(str(out_dir / MODEL_FILE), artifact_path="checkpoint")
-        model_uri = log_model(out_dir / MODEL_FILE, np.asarray(train_split.images[0]), data.class_names)
+        model_uri = (log_model(out_dir / MODEL_FILE, np.asarray(train_split.images[0]), data.class_names)
+                     if register_model else "")
     except BaseException as exc:
         end_failed_run(uri, exc, kept=f"the checkpoints are kept in {store.storage}/{store.name}")
         raise

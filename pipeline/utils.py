@@ -30,6 +30,9 @@ QUIET_ENV = {
     "MLFLOW_CONFIGURE_LOGGING": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Ray Tune's boxed configuration table and TensorBoard hints: its legacy reporter at
+    # verbose=0 prints nothing (trial outcomes are the pipeline's to report).
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 

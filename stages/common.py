@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import yaml
 
-from pipeline.config import ConfigError, Params, from_dict
+from pipeline.config import Params, read_params
 from pipeline.console import header, stage_logging
-from pipeline.utils import DEBUG_ENV, run_cli, set_quiet_env, setup_logging
+from pipeline.utils import DEBUG_ENV, run_cli, set_quiet_env
 
 
 def run_stage(main: Callable[..., None], doc: str | None) -> None:
@@ -51,23 +50,9 @@ PARAMS_FILE = Path("params.yaml")
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
-    """All of ``params.yaml`` as typed config.
-
-    Raises:
-        FileNotFoundError: no params.yaml in the current folder.
-        ConfigError: a bad key or value, named.
-    """
+    """All of ``params.yaml`` as typed config (:func:`pipeline.config.read_params`)."""
     set_quiet_env()
-    setup_logging()
-    logging.getLogger("pipeline").setLevel(logging.INFO)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found in {Path.cwd()}: run the stage from the project "
-                                "root (dvc repro does)")
-    raw: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
-    try:
-        return from_dict(Params, raw, where=str(path))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return read_params(path)
 
 
 def model_name(params: Params) -> str:
