@@ -138,17 +138,24 @@ def sweep_cmd(args: argparse.Namespace) -> None:
 
 
 def benchmark_cmd(args: argparse.Namespace) -> None:
-    """Run one throughput comparison and print it as JSON."""
-    import json
+    """Run every throughput comparison; write docs/performance.md and .json; print the ratios."""
+    import sys
+    import tempfile
 
-    from pipeline import benchmark
+    from pipeline.config import read_params
+    from pipeline.perf_report import SMOKE, BenchSize, ratios, run_all, write
+    from pipeline.tracking import setup_mlflow
 
-    if args.what == "augment":
-        result = benchmark.augment_vs_train_step(Path(args.prepared), args.preset)
-    else:
-        result = benchmark.scoring_vs_forward(args.model, Path(args.prepared), args.images,
-                                              args.batch_size, args.concurrency)
-    print(json.dumps(result))
+    params = read_params(Path(args.params))
+    setup_mlflow()
+    archive = Path(args.archive)
+    sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
+    size = SMOKE if args.smoke else BenchSize(score_images=args.images)
+    with tempfile.TemporaryDirectory(prefix="bench-", dir=args.work) as work:
+        results = run_all(Path(args.prepared), args.model, archive, sha256, Path(work), size,
+                          params.train, params.augment)
+    write(results, Path(args.out), "python -m pipeline benchmark " + " ".join(sys.argv[2:]))
+    print("\n".join(ratios(results)) + f"\n-> {args.out}")
 
 
 def _add_report(sub) -> None:
@@ -183,14 +190,15 @@ def _add_crossval(sub) -> None:
 
 
 def _add_benchmark(sub) -> None:
-    p = sub.add_parser("benchmark", help="throughput: score() vs forward pass, augmentation vs step")
-    p.add_argument("what", choices=["scoring", "augment"], help="which comparison")
+    p = sub.add_parser("benchmark", help="every throughput comparison -> docs/performance.md")
     p.add_argument("--prepared", default="data/prepared", help="output of the prepare stage")
-    p.add_argument("--preset", default="strong", help="augment: the augmentation preset")
-    p.add_argument("--model", default="models:/malaria@champion", help="scoring: the model")
-    p.add_argument("--images", type=int, default=20000, help="scoring: images to score")
-    p.add_argument("--batch-size", type=int, default=64, help="scoring: images per batch")
-    p.add_argument("--concurrency", type=int, default=1, help="scoring: actors and threads")
+    p.add_argument("--model", default="models:/malaria@champion", help="the model to score with")
+    p.add_argument("--archive", default="data/raw/malaria.zip", help="archive for prepare and dvc repro")
+    p.add_argument("--params", default="params.yaml", help="training params of the training comparison")
+    p.add_argument("--images", type=int, default=20000, help="images in the scoring comparison")
+    p.add_argument("--out", default="docs/performance.md", help="the page; the JSON goes beside it")
+    p.add_argument("--work", default=None, help="scratch folder (default: the system's temp)")
+    p.add_argument("--smoke", action="store_true", help="every part, small (proves it runs)")
     p.set_defaults(func=benchmark_cmd)
 
 

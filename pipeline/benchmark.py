@@ -1,114 +1,194 @@
-"""Throughput measurements behind the README's tables.
+"""Throughput measurements, each against a plain baseline in the same process run.
 
-``pipeline benchmark scoring --model models:/malaria@champion --images 20000``
-writes N PNG cells (copies of the prepared test images, cycled) to a folder,
-times ``score`` over them, then times the plain forward pass of the same model
-on the same images (already decoded and resized) with the same batch size and
-the same number of CPU threads, and prints both and their ratio.
-
-``pipeline benchmark augment`` times the strong augmentation preset
-against one training step of the model, both on one CPU core.
+Every comparison warms up first and reports the median of ``repeats`` runs. Scoring:
+``score`` (the pipeline, defaults) against a plain program on the whole machine (a Python
+process pool decoding and resizing while torch runs the forward pass with the best thread
+count), both from the same PNG files to probabilities. Training: Ray Train against the
+same epoch code in a plain loop, and augmentation against pre-materialised images.
+prepare: one process against one per core. :mod:`pipeline.perf_report` runs them all and
+writes ``docs/performance.md``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import multiprocessing
+import os
+import statistics
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from pipeline.config import ScoreConfig
 from pipeline.prepared import PreparedData
 
 
-def write_images(prepared: Path, n: int, out: Path) -> None:
+def cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def median_of(repeats: int, run: Callable[[], float]) -> tuple[float, list[float]]:
+    """Median and all values of ``run()`` over ``repeats`` runs."""
+    values = [run() for _ in range(repeats)]
+    return statistics.median(values), values
+
+
+def write_images(prepared: Path, n: int, out: Path) -> list[Path]:
     """``n`` PNG files cycled from the prepared test split's original images."""
     data = PreparedData(prepared)
     paths = data.rows("test")["path"].tolist()
     out.mkdir(parents=True, exist_ok=True)
+    files = []
     for i in range(n):
-        src = data.images_dir / paths[i % len(paths)]
-        (out / f"{i:06d}.png").write_bytes(src.read_bytes())
+        dest = out / f"{i:06d}.png"
+        dest.write_bytes((data.images_dir / paths[i % len(paths)]).read_bytes())
+        files.append(dest)
+    return files
 
 
-def forward_throughput(model_uri: str, folder: Path, batch_size: int, threads: int) -> float:
-    """Images/s of the bare forward pass on pre-decoded, pre-resized images."""
+def load_predictor(model_uri: str):
+    """The model behind ``model_uri`` as the pipeline's Predictor (fp32, channels_last)."""
     import mlflow
 
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
+
+
+def _decode(args: tuple[str, int]) -> np.ndarray:
     from pipeline.images import load_rgb, resize
-    from pipeline.inference import to_tensor
 
-    predictor = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
+    path, size = args
+    return resize(load_rgb(Path(path).read_bytes()), size)
+
+
+def plain_scoring(predictor, files: list[Path], batch_size: int, threads: int, workers: int) -> float:
+    """Images/s of a plain program: a forked pool decodes and resizes, torch predicts."""
     size = predictor.meta.image_size
-    images = np.stack([resize(load_rgb(p.read_bytes()), size) for p in sorted(folder.iterdir())])
     torch.set_num_threads(threads)
-    model = predictor.model
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            torch.softmax(model(to_tensor(images[start:start + batch_size], predictor.meta)), 1)
-    return len(images) / (time.perf_counter() - t0)
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        batch = []
+        for img in pool.imap(_decode, [(str(f), size) for f in files], chunksize=32):
+            batch.append(img)
+            if len(batch) == batch_size:
+                predictor.predict_resized(np.stack(batch))
+                batch = []
+        if batch:
+            predictor.predict_resized(np.stack(batch))
+    return len(files) / (time.perf_counter() - t0)
 
 
-def augment_vs_train_step(prepared: Path, preset: str = "strong", model: str = "efficientnet_lite0",
-                          batch_size: int = 64, n_images: int = 1024) -> dict[str, float]:
-    """Images/s of the augmentation policy and of a training step, each on one core."""
-    import cv2
-
-    from pipeline.augment import build_train_transform
-    from pipeline.config import AugmentConfig
-    from pipeline.inference import ModelMeta, to_tensor
-    from pipeline.models import create_model, model_info
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    images = np.asarray(PreparedData(prepared).split("train").images[:n_images])
-    size = images.shape[1]
-    transform = build_train_transform(AugmentConfig(preset=preset), size, seed=0)
-    t0 = time.perf_counter()
-    for img in images:
-        transform(image=img)
-    aug = len(images) / (time.perf_counter() - t0)
-    net = create_model(model, 2, pretrained=False).to(memory_format=torch.channels_last).train()
-    info = model_info(model)
-    meta = ModelMeta(model, ("a", "b"), size, info.mean, info.std)
-    opt = torch.optim.AdamW(net.parameters())
-    steps, t0 = 0, time.perf_counter()
-    for start in range(0, min(len(images), 4 * batch_size), batch_size):
-        x = to_tensor(images[start:start + batch_size], meta)
-        loss = torch.nn.functional.cross_entropy(net(x), torch.zeros(len(x), dtype=torch.long))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        steps += len(x)
-    step = steps / (time.perf_counter() - t0)
-    return {"image_size": size, "preset": preset, "augment_images_per_s": round(aug, 1),
-            "train_step_images_per_s": round(step, 1), "model": model}
+def best_plain_layout(predictor, files: list[Path], batch_size: int) -> dict[str, Any]:
+    """The fastest (torch threads, decoding processes) of the plain program on ``files``."""
+    n = cores()
+    layouts = sorted({(t, w) for t in range(1, n + 1) for w in {1, max(1, n - 1), n}})
+    rates = {layout: plain_scoring(predictor, files, batch_size, *layout) for layout in layouts}
+    (threads, workers), rate = max(rates.items(), key=lambda kv: kv[1])
+    return {"threads": threads, "workers": workers, "tried": {f"{t}x{w}": round(r, 1)
+                                                              for (t, w), r in rates.items()}}
 
 
-def scoring_vs_forward(model: str, prepared: Path, n_images: int, batch_size: int,
-                       concurrency: int) -> dict[str, float]:
-    """``score`` over ``n_images`` files against the bare forward pass of the same model."""
-    from pipeline.score import resolve_model, score
-    from pipeline.tracking import setup_mlflow
+def scoring(model_uri: str, prepared: Path, n_images: int, batch_size: int, repeats: int,
+            work: Path) -> dict[str, Any]:
+    """``score`` with default settings vs the plain end-to-end program, same files and batch."""
+    from pipeline.config import ScoreConfig
+    from pipeline.score import score
 
-    setup_mlflow()
-    uri = resolve_model(model).uri
-    with tempfile.TemporaryDirectory() as d:
-        folder = Path(d) / "cells"
-        write_images(prepared, n_images, folder)
-        cfg = ScoreConfig(input=str(folder), batch_size=batch_size, concurrency=concurrency)
-        scored = score(cfg, uri, Path(d) / "preds.parquet")
-        forward = forward_throughput(uri, folder, batch_size, concurrency)
-    return {"images": n_images, "batch_size": batch_size, "cpus": concurrency,
-            "score_images_per_s": round(scored.images_per_s, 1),
-            "forward_images_per_s": round(forward, 1),
-            "ratio": round(scored.images_per_s / forward, 3)}
+    files = write_images(prepared, n_images, work / "cells")
+    predictor = load_predictor(model_uri)
+    best = best_plain_layout(predictor, files[:min(len(files), 1000)], batch_size)
+    plain, plain_runs = median_of(repeats, lambda: plain_scoring(predictor, files, batch_size,
+                                                                 best["threads"], best["workers"]))
+    torch.set_num_threads(cores())
+    cfg = ScoreConfig(input=str(work / "cells"), batch_size=batch_size)
+    runs = [score(cfg, model_uri, work / "scores.parquet") for _ in range(repeats + 1)]
+    pipe = statistics.median(r.images_per_s for r in runs[1:])  # the first starts Ray: reported apart
+    actors = {}
+    for k in sorted({1, 2}):
+        c = ScoreConfig(input=str(work / "cells"), batch_size=batch_size, concurrency=k,
+                        cpus_per_actor=max(0.5, (cores() - 1) / k))
+        actors[k] = round(score(c, model_uri, work / f"scores_{k}.parquet").images_per_s, 1)
+    return {"images": n_images, "batch_size": batch_size, "plain_images_per_s": round(plain, 1),
+            "plain_runs": [round(v, 1) for v in plain_runs], "plain_layout": best,
+            "score_images_per_s": round(pipe, 1), "score_runs": [round(r.images_per_s, 1) for r in runs[1:]],
+            "score_first_run_images_per_s": round(runs[0].images_per_s, 1),
+            "score_time_to_first_row_s": round(statistics.median(r.first_row_s for r in runs[1:]), 2),
+            "actors_images_per_s": actors, "ratio": round(pipe / plain, 3)}
 
 
-if __name__ == "__main__":  # ``python -m pipeline.benchmark ...`` = ``pipeline benchmark ...``
-    from pipeline.__main__ import main
+def small_job(model_uri: str, prepared: Path, n_images: int, work: Path) -> dict[str, Any]:
+    """Wall time of scoring ``n_images`` in a fresh process: Ray Data vs in-process."""
+    write_images(prepared, n_images, work / "small")
+    out = {}
+    for name, local in (("ray", 0), ("in_process", n_images)):
+        code = ("import json,sys,time;t=time.perf_counter();from pipeline.config import ScoreConfig;"
+                "from pipeline.score import score;"
+                f"r=score(ScoreConfig(input={str(work / 'small')!r},local_max_images={local}),"
+                f"{model_uri!r},{str(work / f'small_{name}.parquet')!r});"
+                "print(json.dumps({'wall_s':time.perf_counter()-t,'first_row_s':r.first_row_s,"
+                "'engine':r.engine}))")
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        import json
 
-    main(["benchmark", *sys.argv[1:]])
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[name] = {"process_wall_s": round(time.perf_counter() - t0, 2),
+                     "score_call_s": round(result["wall_s"], 2),
+                     "first_row_s": round(result["first_row_s"], 2), "engine": result["engine"]}
+    return out
+
+
+def bf16_check(model_uri: str, prepared: Path, repeats: int) -> dict[str, Any]:
+    """bf16 autocast against fp32 on the test cells: agreement and forward speed."""
+    predictor = load_predictor(model_uri)
+    images = np.asarray(PreparedData(prepared).split("test").images)
+    torch.set_num_threads(cores())
+
+    def run(bf16: bool) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            probs = predictor.predict_resized(images)
+        return probs, len(images) / (time.perf_counter() - t0)
+
+    run(False), run(True)  # warm-up
+    fp32 = [run(False) for _ in range(repeats)]
+    bf16 = [run(True) for _ in range(repeats)]
+    p32, p16 = fp32[0][0], bf16[0][0]
+    diff = np.abs(p32 - p16).max(axis=1)
+    agree = (diff <= 1e-2) & (p32.argmax(1) == p16.argmax(1))
+    return {"cells": len(images), "max_abs_diff": round(float(diff.max()), 5),
+            "share_within_1e-2_same_label": round(float(agree.mean()), 5),
+            "fp32_images_per_s": round(statistics.median(r[1] for r in fp32), 1),
+            "bf16_images_per_s": round(statistics.median(r[1] for r in bf16), 1)}
+
+
+def prepare_speedup(archive: Path, work: Path, repeats: int) -> dict[str, Any]:
+    """``prepare`` in one process against one per core; both outputs compared byte for byte."""
+    from pipeline.config import PrepareConfig
+    from pipeline.prepare import prepare
+
+    def once(workers: int) -> float:
+        out = work / f"prepared_{workers}"
+        t0 = time.perf_counter()
+        prepare(archive, out, PrepareConfig(workers=workers), "malaria")
+        return time.perf_counter() - t0
+
+    serial, serial_runs = median_of(repeats, lambda: once(1))
+    parallel, parallel_runs = median_of(repeats, lambda: once(0))
+    same = _tree_digest(work / "prepared_1") == _tree_digest(work / "prepared_0")
+    return {"serial_s": round(serial, 2), "parallel_s": round(parallel, 2), "workers": cores(),
+            "serial_runs": [round(v, 2) for v in serial_runs],
+            "parallel_runs": [round(v, 2) for v in parallel_runs],
+            "speedup": round(serial / parallel, 2), "byte_identical": same}
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()

@@ -195,13 +195,16 @@ class ScoreConfig(Checked):
     """Ray Data batch scoring settings."""
 
     SECTION = "score"
-    RANGES = {"batch_size": (1, None), "concurrency": (1, None), "cpus_per_actor": (0.01, None)}
+    RANGES = {"batch_size": (1, None), "concurrency": (1, None), "cpus_per_actor": (0.01, None),
+              "threads_per_actor": (0, None), "local_max_images": (0, None)}
 
     input: str = ""  # folder or zip; empty = the test split of the manifest
     model_uri: str = ""  # empty = models:/<register.model_name>@champion
     batch_size: int = 64
     concurrency: int = 1  # predictor actors
     cpus_per_actor: float = 1.0
+    threads_per_actor: int = 0  # torch threads of an actor; 0: the node's cores / concurrency
+    local_max_images: int = 500  # at most this many, no cluster: score in this process, no Ray start
     use_gpu: bool = False  # one GPU per actor
     tta: bool = False  # mean probability over the 8 flips/rotations
 

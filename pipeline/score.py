@@ -5,6 +5,12 @@ every actor scores with the same model even if the alias moves mid-job), lists
 the inputs, and streams ``map_batches`` through a pool of stateful
 :class:`BatchPredictor` actors into one Parquet file. An unreadable image
 becomes a row with its error; it never stops the job.
+
+Decoding tasks take one CPU of Ray's accounting, an actor ``cpus_per_actor``; the actor's
+torch runs on the node's cores (``threads_per_actor``), since decoding needs a fraction of
+what the forward pass does (docs/performance.md). A small job with no cluster configured
+(``local_max_images``) runs the same decode and predictor code in this process: starting
+Ray and an actor would cost more than the job.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class ScoreResult:
     n_errors: int
     n_skipped: int
     images_per_s: float
+    first_row_s: float = 0.0  # from the call to the first row written
+    engine: str = "ray"  # "ray" (Ray Data actors) or "local" (a small job in this process)
 
 
 @dataclass(frozen=True)
@@ -151,8 +159,10 @@ class BatchPredictor:
     its CPU or GPU on the forward pass.
     """
 
-    def __init__(self, model_uri: str, version: str, tracking_uri: str, tta: bool = False):
+    def __init__(self, model_uri: str, version: str, tracking_uri: str, tta: bool = False,
+                 threads: int = 0):
         import mlflow
+        import torch
 
         from pipeline.console import quiet_worker
         from pipeline.utils import set_quiet_env
@@ -163,6 +173,8 @@ class BatchPredictor:
         self.predictor = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
         self.predictor.tta = tta
         self.version = version
+        if threads:  # Ray sets an actor's threads to its CPU reservation; decoding needs less
+            torch.set_num_threads(threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
         errors = [str(e) or None for e in batch["error"]]
@@ -185,6 +197,7 @@ def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
     """
     import time
 
+    start = time.perf_counter()
     if cfg.input:
         inputs, skipped = list_inputs(cfg.input)
     elif prepared is not None:
@@ -195,38 +208,77 @@ def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
     model = resolve_model(model_uri)
     if skipped:
         log.info("skipping %d non-image files (e.g. %s)", len(skipped), skipped[:3])
+    meta = model_meta(model.uri)
+    size, schema = int(meta["image_size"]), predictions_schema(meta["class_names"])
+    predictor_args = {"model_uri": model.uri, "version": model.version, "tracking_uri": uri,
+                      "tta": cfg.tta, "threads": actor_threads(cfg)}
+    engine = "local" if runs_locally(cfg, len(inputs)) else "ray"
+    t0 = time.perf_counter()
+    batches = (_local_batches(inputs, cfg, size, predictor_args) if engine == "local"
+               else _ray_batches(inputs, cfg, size, predictor_args))
+    n, n_err, first = write_predictions(batches, Path(output), schema, len(inputs))
+    rate = n / max(time.perf_counter() - t0, 1e-9)
+    if n != len(inputs):
+        raise RuntimeError(f"scored {n} rows for {len(inputs)} inputs; output not trusted")
+    log.info("scored %d images with %s (v%s) %s: %d errors, %.1f img/s -> %s", n,
+             model.name or model.uri, model.version,
+             "in this process" if engine == "local" else "with Ray Data", n_err, rate, output)
+    if patients:
+        summary = patient_summary(pd.read_parquet(output), group_of, meta["class_names"])
+        with atomic_path(patients_path(output)) as tmp:
+            summary.to_parquet(tmp, index=False)
+    return ScoreResult(Path(output), model.uri, n, n_err, len(skipped), rate,
+                       (first or time.perf_counter()) - start, engine)
+
+
+def actor_threads(cfg: ScoreConfig) -> int:
+    """Torch threads per predictor: ``threads_per_actor``, else the cores / actors (0 on GPU:
+    leave torch alone)."""
+    import os
+
+    if cfg.use_gpu:
+        return 0
+    if cfg.threads_per_actor:
+        return cfg.threads_per_actor
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // cfg.concurrency)
+
+
+def runs_locally(cfg: ScoreConfig, n_images: int) -> bool:
+    """A small job with no cluster configured scores in-process."""
+    import os
+
+    return n_images <= cfg.local_max_images and not cfg.use_gpu and not os.environ.get("RAY_ADDRESS")
+
+
+def _local_batches(inputs: pd.DataFrame, cfg: ScoreConfig, size: int,
+                   predictor_args: dict) -> Iterable[pd.DataFrame]:
+    """The Ray path's decode and predictor code, batch by batch, in this process."""
+    predictor = BatchPredictor(**predictor_args)
+    for start in range(0, len(inputs), cfg.batch_size):
+        for _, part in inputs.iloc[start:start + cfg.batch_size].groupby("container", sort=False):
+            yield predictor(decode_batch(part, size))
+
+
+def _ray_batches(inputs: pd.DataFrame, cfg: ScoreConfig, size: int,
+                 predictor_args: dict) -> Iterable[pd.DataFrame]:
+    """Decoding tasks streaming into a pool of predictor actors (Ray Data)."""
     init_ray()  # before Ray is imported here: it reads its settings on import
     import ray
     from ray.data import ActorPoolStrategy
 
     adopt_library_loggers()  # Ray Data sets up its console logging on import
     ray.data.DataContext.get_current().print_on_execution_start = False  # the plan: Ray's log
-    meta = model_meta(model.uri)
-    size, schema = int(meta["image_size"]), predictions_schema(meta["class_names"])
-    t0 = time.perf_counter()
     ds = ray.data.from_items(inputs.to_dict("records"))
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=cfg.batch_size,
                         batch_format="pandas", num_cpus=1)
     ds = ds.map_batches(
-        BatchPredictor,
-        fn_constructor_kwargs={"model_uri": model.uri, "version": model.version,
-                               "tracking_uri": uri, "tta": cfg.tta},
+        BatchPredictor, fn_constructor_kwargs=predictor_args,
         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if cfg.use_gpu else None,
         compute=ActorPoolStrategy(size=cfg.concurrency),
     )
-    batches = ds.iter_batches(batch_format="pandas", batch_size=None)
-    n, n_err = write_predictions(batches, Path(output), schema, len(inputs))
-    rate = n / max(time.perf_counter() - t0, 1e-9)
-    if n != len(inputs):
-        raise RuntimeError(f"scored {n} rows for {len(inputs)} inputs; output not trusted")
-    log.info("scored %d images with %s (v%s): %d errors, %.1f img/s -> %s",
-             n, model.name or model.uri, model.version, n_err, rate, output)
-    if patients:
-        summary = patient_summary(pd.read_parquet(output), group_of, meta["class_names"])
-        with atomic_path(patients_path(output)) as tmp:
-            summary.to_parquet(tmp, index=False)
-    return ScoreResult(Path(output), model.uri, n, n_err, len(skipped), rate)
+    return ds.iter_batches(batch_format="pandas", batch_size=None)
 
 
 def patients_path(output: str | Path) -> Path:
@@ -261,13 +313,16 @@ def patient_summary(predictions: pd.DataFrame, group_of: Callable[[str], str] | 
 
 
 def write_predictions(batches: Iterable[pd.DataFrame], output: Path, schema: pa.Schema,
-                      total: int | None = None) -> tuple[int, int]:
+                      total: int | None = None) -> tuple[int, int, float | None]:
     """Stream prediction batches into one Parquet file of ``schema``, atomically.
 
     Returns:
-        (rows written, rows with an error)
+        (rows written, rows with an error, ``time.perf_counter()`` of the first row written)
     """
+    import time
+
     n = n_err = 0
+    first = None
     with atomic_path(output) as tmp, progress(total=total, desc="score", unit="img") as bar, \
             pq.ParquetWriter(tmp, schema) as writer:
         for batch in batches:
@@ -276,7 +331,8 @@ def write_predictions(batches: Iterable[pd.DataFrame], output: Path, schema: pa.
                 raise ValueError(f"prediction batch lacks the columns {sorted(missing)}")
             writer.write_table(pa.Table.from_pandas(batch[schema.names], schema=schema,
                                                     preserve_index=False))
+            first = first or time.perf_counter()
             n += len(batch)
             n_err += int(batch["error"].notna().sum())
             bar.update(len(batch))
-    return n, n_err
+    return n, n_err, first

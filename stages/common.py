@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +13,7 @@ import yaml
 
 from pipeline.config import Params, read_params
 from pipeline.console import header, stage_logging
-from pipeline.utils import DEBUG_ENV, run_cli, set_quiet_env
+from pipeline.utils import DEBUG_ENV, run_cli, set_quiet_env, write_json
 
 
 def run_stage(main: Callable[..., None], doc: str | None) -> None:
@@ -31,10 +32,51 @@ def run_stage(main: Callable[..., None], doc: str | None) -> None:
     args = parser.parse_args()
 
     def run() -> None:
-        header(stage, doc, stage_logging(stage))  # inside run_cli: an unwritable logs/ is one line
-        main(*(getattr(args, n) for n in names))
+        log_file = stage_logging(stage)  # inside run_cli: an unwritable logs/ is one line
+        header(stage, doc, log_file)
+        with ResourceMonitor() as monitor:
+            main(*(getattr(args, n) for n in names))
+        write_json(log_file.with_suffix(".stats.json"), monitor.stats())
 
     run_cli(run)
+
+
+class ResourceMonitor:
+    """Wall time and peak resident memory of this process and every process under it (the
+    local Ray instance a stage starts and its workers), sampled every 0.2 s."""
+
+    def __init__(self, interval_s: float = 0.2):
+        import threading
+
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "ResourceMonitor":
+        self.t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall_s = time.perf_counter() - self.t0
+        self._stop.set()
+        self._thread.join()
+
+    def stats(self) -> dict[str, float]:
+        return {"wall_s": round(self.wall_s, 2), "peak_rss_mb": round(self.peak / 2**20, 1)}
 
 
 def _dvc_yaml_args(stage: str) -> list[str]:

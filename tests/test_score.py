@@ -52,13 +52,15 @@ def test_corrupt_image_gets_an_error_row_and_the_rest_are_scored(ray_local, cham
     assert {"path", "predicted_label", "probability", "model_version", "error"} <= set(table)
 
 
-def test_zip_input_scores_the_same_as_the_folder(ray_local, champion, image_folder, tmp_path):
+def test_zip_input_and_in_process_scoring_score_the_same_as_the_folder_through_ray(ray_local, champion, image_folder, tmp_path):
     archive = tmp_path / "cells.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for p in sorted(image_folder.rglob("*")):
             if p.is_file():
                 zf.write(p, p.relative_to(image_folder).as_posix())
-    a = pd.read_parquet(score(ScoreConfig(input=str(image_folder)), champion, tmp_path / "a.parquet").output)
+    # The folder through Ray Data, the zip in-process (a small job): the same predictions.
+    a = pd.read_parquet(score(ScoreConfig(input=str(image_folder), local_max_images=0), champion,
+                              tmp_path / "a.parquet").output)
     b = pd.read_parquet(score(ScoreConfig(input=str(archive)), champion, tmp_path / "b.parquet").output)
     a, b = a.sort_values("path").reset_index(drop=True), b.sort_values("path").reset_index(drop=True)
     assert a["path"].tolist() == b["path"].tolist()
@@ -174,7 +176,7 @@ def test_writer_takes_batches_in_any_order(order, tmp_path):
 
     batches = [_batch(paths, failed) for paths, failed in WRITER_ORDERS[order]]
     out = tmp_path / "p.parquet"
-    n, n_err = write_predictions(iter(batches), out, predictions_schema(CLASSES))
+    n, n_err, _ = write_predictions(iter(batches), out, predictions_schema(CLASSES))
     table = pd.read_parquet(out)
     expected = pd.concat(batches, ignore_index=True) if batches else None
     assert n == len(table) == (0 if expected is None else len(expected))
@@ -218,9 +220,10 @@ def _unreadable_at_start_middle_end(root):
     return bad
 
 
+@pytest.mark.parametrize("local_max_images", [0, 500], ids=["ray", "in-process"])
 @pytest.mark.parametrize("container", ["folder", "zip"])
-def test_unreadable_images_anywhere_in_the_input_get_error_rows(container, ray_local, champion,
-                                                                tmp_path):
+def test_unreadable_images_anywhere_in_the_input_get_error_rows(container, local_max_images, ray_local,
+                                                                champion, tmp_path):
     root = tmp_path / "cells"
     bad = _unreadable_at_start_middle_end(root)
     source = root
@@ -229,7 +232,9 @@ def test_unreadable_images_anywhere_in_the_input_get_error_rows(container, ray_l
         with zipfile.ZipFile(source, "w") as zf:
             for p in sorted(root.iterdir()):
                 zf.write(p, p.name)
-    result = score(ScoreConfig(input=str(source), batch_size=4), champion, tmp_path / "out.parquet")
+    result = score(ScoreConfig(input=str(source), batch_size=4, local_max_images=local_max_images),
+                   champion, tmp_path / "out.parquet")
+    assert result.engine == ("ray" if local_max_images == 0 else "local")
     table = pd.read_parquet(result.output)
     assert len(table) == table["path"].nunique() == 15 == result.n_images
     assert result.n_errors == 3
@@ -269,7 +274,7 @@ def test_a_scoring_actor_killed_mid_job_still_scores_every_input_exactly_once(ra
 
     killer = threading.Thread(target=kill_the_predictor, daemon=True)
     killer.start()
-    result = score(ScoreConfig(input=str(root), batch_size=8), champion, out)
+    result = score(ScoreConfig(input=str(root), batch_size=8, local_max_images=0), champion, out)
     finished = time.time()
     killer.join(timeout=5)
     assert killed, "no predictor actor was found to kill"

@@ -1,0 +1,94 @@
+"""Training throughput: Ray Train (each worker layout) against the same epoch code in a
+plain loop, and augmentation against pre-materialised images, on a slice of the data."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.augment import load_policy, policy
+from pipeline.config import AugmentConfig, TrainConfig
+from pipeline.engine import ArrayDataset, EpochContext, collate, train_one_epoch
+from pipeline.inference import ModelMeta
+from pipeline.models import create_model, model_info
+from pipeline.optim import build_loss, build_optimizer, build_scheduler
+from pipeline.prepared import PreparedData, write_resplit
+from pipeline.regimes import apply_regime
+
+WARMUP_EPOCHS = 1  # the first epoch (allocations, caches) is not counted
+
+
+def slice_of(prepared: Path, n_train: int, n_val: int, dest: Path) -> PreparedData:
+    """A prepared folder of the first ``n_train`` training and ``n_val`` validation cells."""
+    data = PreparedData(prepared)
+    rows = pd.concat([data.rows("train").head(n_train), data.rows("val").head(n_val)])
+    return write_resplit(data, rows.set_index("path")["split"], dest)
+
+
+def plain_loop(data: PreparedData, cfg: TrainConfig, augment: AugmentConfig | None, batch_size: int,
+               threads: int, epochs: int) -> float:
+    """Median images/s after warm-up of the training epoch code in one process."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(threads)
+    split = data.split("train")
+    info = model_info(cfg.model)
+    meta = ModelMeta(cfg.model, tuple(data.class_names), data.image_size, info.mean, info.std)
+    model = create_model(cfg.model, len(data.class_names), pretrained=cfg.pretrained)
+    plan = apply_regime(model, cfg.regime, cfg.lr, cfg.top_blocks, cfg.backbone_lr_factor)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, plan.param_groups)
+    build_scheduler(cfg, optimizer)
+    transform = load_policy(policy(augment, data.image_size), cfg.seed) if augment else None
+    loader = DataLoader(ArrayDataset(split.images, split.labels, transform), batch_size=batch_size,
+                        shuffle=True, collate_fn=collate, drop_last=True)
+    ctx = EpochContext(model, build_loss(cfg, split.labels, len(data.class_names)), meta,
+                       torch.device("cpu"), True, None, 0)
+    rates = []
+    for epoch in range(WARMUP_EPOCHS + epochs):
+        t0 = time.perf_counter()
+        _, _, seen = train_one_epoch(ctx, loader, optimizer, epoch)
+        rates.append(seen / (time.perf_counter() - t0))
+    return statistics.median(rates[WARMUP_EPOCHS:])
+
+
+def ray_train(data: PreparedData, cfg: TrainConfig, augment: AugmentConfig, work: Path,
+              epochs: int) -> float:
+    """Median images/s after warm-up of ``pipeline.train.train`` (Ray Train, MLflow, checkpoints)."""
+    from pipeline.train import train
+
+    cfg = replace(cfg, epochs=WARMUP_EPOCHS + epochs, system_metrics=False,
+                  storage_path=str((work / "ray").resolve()), early_stopping_patience=0)
+    result = train(cfg, policy(augment, data.image_size), data.root, work / "model",
+                   experiment="benchmark", register_model=False)
+    return float(result.history["images_per_s"].iloc[WARMUP_EPOCHS:].median())
+
+
+def training(prepared: Path, cfg: TrainConfig, augment: AugmentConfig, n_train: int, epochs: int,
+             work: Path) -> dict[str, Any]:
+    """Ray Train at 1 worker x all cores and all cores x 1 worker vs the plain loop at the same
+    global batch, and the plain loop with augmentation vs without."""
+    from pipeline.benchmark import cores
+
+    n = cores()
+    data = slice_of(prepared, n_train, max(64, n_train // 8), work / "slice")
+    global_batch = cfg.batch_size * n
+    plain = plain_loop(data, cfg, augment, global_batch, n, epochs)
+    plain_no_aug = plain_loop(data, cfg, None, global_batch, n, epochs)
+    layouts = {}
+    for workers, cpus in ((1, n), (n, 1)):
+        layout = replace(cfg, num_workers=workers, cpus_per_worker=float(cpus),
+                         batch_size=global_batch // workers)
+        rate = ray_train(data, layout, augment, work / f"ray_{workers}x{cpus}", epochs)
+        layouts[f"{workers}x{cpus}"] = {"images_per_s": round(rate, 1),
+                                        "plain_over_ray": round(plain / rate, 3)}
+    return {"images": n_train, "image_size": data.image_size, "global_batch": global_batch,
+            "epochs_counted": epochs, "plain_images_per_s": round(plain, 1),
+            "plain_no_augment_images_per_s": round(plain_no_aug, 1),
+            "augment_over_materialised": round(plain / plain_no_aug, 3), "ray": layouts}
