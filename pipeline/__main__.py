@@ -130,7 +130,8 @@ def sweep_cmd(args: argparse.Namespace) -> None:
     if args.seed is not None:
         params = replace(params, crossval=replace(params.crossval, seed=args.seed))
     grid = yaml.safe_load(Path(args.grid).read_text())
-    results = sweep(params, {n: ov or {} for n, ov in grid.items()}, args.prepared, args.raw, args.out)
+    results = sweep(params, {n: ov or {} for n, ov in grid.items()}, args.prepared, args.raw, args.out,
+                    name=args.name)
     print((Path(args.out) / "sweep.md").read_text())
     failed = [f for r in results for f in r.failed]
     if failed:
@@ -186,6 +187,7 @@ def _add_crossval(sub) -> None:
     p.add_argument("--raw", help="the raw archive, for configurations at another image size")
     p.add_argument("--seed", type=int, help="fold assignment seed (default: crossval.seed)")
     p.add_argument("--out", default="reports/sweep", help="sweep.md, sweep.json, one report each")
+    p.add_argument("--name", default="", help="the MLflow parent run (default: sweep-seed<seed>)")
     p.set_defaults(func=sweep_cmd)
 
 

@@ -20,8 +20,13 @@ SHOWN = ("accuracy", "roc_auc", "sensitivity", "specificity")
 THUMBNAILS = 32
 
 
+def _f(value: float) -> str:
+    """A figure, or a word where it is undefined (a fold or resample with one class only)."""
+    return f"{value:.3f}" if value == value else "undefined"
+
+
 def _ci(p: dict[str, float], key: str) -> str:
-    return f"{p[key]:.3f} ({p[key + '_ci_low']:.3f}–{p[key + '_ci_high']:.3f})"
+    return f"{_f(p[key])} ({_f(p[key + '_ci_low'])}–{_f(p[key + '_ci_high'])})"
 
 
 def metrics_of(result: ConfigResult) -> dict[str, float]:
@@ -71,10 +76,10 @@ def _report(result: ConfigResult, m: dict[str, float], issues: pd.DataFrame,
             per_patient: pd.DataFrame, image_size: int) -> str:
     cv, ev = result.params.crossval, result.params.evaluate
     folds = result.folds.copy()
-    rows = "\n".join(f"| {key} | {_ci(m, key)} | {m[f'fold_mean_{key}']:.3f} ± {m[f'fold_sd_{key}']:.3f} |"
+    rows = "\n".join(f"| {key} | {_ci(m, key)} | {_f(m[f'fold_mean_{key}'])} ± {_f(m[f'fold_sd_{key}'])} |"
                      for key in SHOWN)
-    fold_rows = "\n".join(f"| {int(r.fold)} | {r.patients} | {r.cells} | {r.accuracy:.3f} | "
-                          f"{r.roc_auc:.3f} | {r.sensitivity:.3f} | {r.specificity:.3f} |"
+    fold_rows = "\n".join(f"| {int(r.fold)} | {r.patients} | {r.cells} | {_f(r.accuracy)} | "
+                          f"{_f(r.roc_auc)} | {_f(r.sensitivity)} | {_f(r.specificity)} |"
                           for r in folds.itertuples())
     worst = per_patient[per_patient["listed"] > 0].head(10)
     patients = "\n".join(f"| {r.patient_id} | {r.cells} | {r.listed} | {r.share:.1%} |"
@@ -101,8 +106,8 @@ mean ± sd shows how much one split of patients can move a figure.
 {rows}
 
 Patient level (a patient is called infected when {ev.patient_threshold:.0%} of their cells are
-called positive): accuracy {m['patient_accuracy']:.3f}, sensitivity {m['patient_sensitivity']:.3f},
-specificity {m['patient_specificity']:.3f}.
+called positive): accuracy {_f(m['patient_accuracy'])}, sensitivity {_f(m['patient_sensitivity'])},
+specificity {_f(m['patient_specificity'])}.
 
 | fold | patients | cells | accuracy | AUC | sensitivity | specificity |
 |---|---|---|---|---|---|---|
@@ -140,7 +145,7 @@ def sweep_table(results: list[ConfigResult]) -> str:
             continue
         p = r.pooled
         lines.append(f"| {r.name} | {over} | " + " | ".join(_ci(p, k) for k in SHOWN) +
-                     f" | {p['patient_accuracy']:.3f} | {r.wall_s / 60:.1f} |")
+                     f" | {_f(p['patient_accuracy'])} | {r.wall_s / 60:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -155,11 +160,11 @@ def crossval_params(params: Params, prepared: str | Path, out_dir: str | Path, m
 
 
 def sweep(params: Params, grid: dict[str, dict[str, Any]], prepared: str | Path, raw: str | Path | None,
-          out_dir: str | Path, work_dir: str | Path = "checkpoints/sweep") -> list[ConfigResult]:
+          out_dir: str | Path, work_dir: str | Path = "checkpoints/sweep", name: str = "") -> list[ConfigResult]:
     """Cross-validate every configuration of ``grid``; write ``sweep.md``/``sweep.json`` and
     each configuration's report under ``out_dir``. A failed configuration is a table row."""
     out = Path(out_dir)
-    name = f"sweep-seed{params.crossval.seed}"
+    name = name or f"sweep-seed{params.crossval.seed}"
     results = cross_validate(params, grid, prepared, name, raw=raw, work_dir=work_dir)
     for r in results:
         if not r.failed:

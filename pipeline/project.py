@@ -21,7 +21,7 @@ import yaml
 from pipeline.utils import QUIET_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore")
+PROJECT_FILES = ("dvc.yaml", "crossval/dvc.yaml", "params.yaml", ".dvcignore")
 PROJECT_DIRS = ("pipeline", "stages")
 OFFLINE_TEMPLATE = "offline_plots.html"  # in .dvc/, where plots.html_template points
 # What a copy makes that does not belong in its git history (DVC ignores its own outputs).
@@ -48,6 +48,7 @@ def scaffold(dest: str | Path, overrides: dict[str, Any], root: Path = REPO_ROOT
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(root / name, dest / name)
     for name in PROJECT_DIRS:
         shutil.rmtree(dest / name, ignore_errors=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline import crossval
@@ -152,6 +153,9 @@ def _collect(name: str, overrides: dict[str, Any], params: Params,
     if failed:
         return ConfigResult(name, overrides, params, None, wall_s=wall, failed=failed)
     oof = pd.concat([o.oof[o.oof["tta"] == params.evaluate.tta] for o in outcomes], ignore_index=True)
+    if not np.isfinite(oof["p_pos"]).all():
+        return ConfigResult(name, overrides, params, None, wall_s=wall,
+                            failed=[f"{name}: non-finite out-of-fold probabilities"])
     ev = params.evaluate
     pooled = crossval.pooled(oof, ev.positive_class, ev.patient_threshold, ev.bootstrap, ev.ci_level)
     return ConfigResult(name, overrides, params, oof, pooled, crossval.per_fold(oof, ev.positive_class), wall)

@@ -10,6 +10,7 @@ MLflow logging and a checkpoint every epoch (resumed after a worker failure).
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -210,6 +211,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.scheduler.step()
         elapsed = time.perf_counter() - t0
         val_loss, val_acc = evaluate_epoch(epoch_ctx, val_loader)
+        if not math.isfinite(val_loss):  # the same all-reduced value on every worker: all stop
+            if mlflow_run is not None:
+                client, run_id = mlflow_run
+                client.set_tag(run_id, DIVERGED, f"the validation loss became {val_loss} after epoch "
+                                                 f"{epoch + 1}: the weights are no longer finite")
+            return
         stop = state.stopper.step(val_loss)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                    "val_loss": val_loss, "val_acc": val_acc, "lr": lr,

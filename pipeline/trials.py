@@ -61,6 +61,7 @@ class TrialOutcome:
 def _trial(config: dict) -> None:
     """The Tune trial: write the fold, train it, predict its held-out patients."""
     import numpy as np
+    import torch
     from ray import tune
 
     from pipeline.augment import policy
@@ -87,6 +88,7 @@ def _trial(config: dict) -> None:
                                      "prepare.image_size": data.image_size},
                        register_model=False)
         held = fold_data.rows("test")
+        torch.set_num_threads(max(1, int(p.train.num_workers * p.train.cpus_per_worker)))  # trainer done
         frames = []
         for tta in spec.tta_variants:
             labels, probs, classes, _ = predict_split(result.model_path, fold_data.root, "test",

@@ -18,6 +18,7 @@ import time
 import mlflow
 import pytest
 
+from pipeline.prepared import PreparedData
 from pipeline.project import REPO_ROOT, dvc, git, scaffold
 from tests.conftest import free_port
 
@@ -153,6 +154,22 @@ def test_dvc_plots_draw_offline_in_a_real_browser(demo, tmp_path):
     unexpected = {host for host in _hosts(requests) - _hosts(baseline) if not CHROMIUM_OWN.search(host)}
     assert not unexpected, requests
     assert not [r for r in requests if re.search(r"jsdelivr|vega|unpkg|cdn", r)]
+
+
+@pytest.mark.slow
+def test_crossval_runs_as_a_dvc_experiment_outside_the_default_pipeline(demo):
+    root, _ = demo
+    assert not (root / "metrics" / "crossval.json").exists()  # the default repro left it alone
+    dvc(root, "exp", "run", "crossval/dvc.yaml", "-S", "crossval.folds=2", "-n", "cv2",
+        capture_output=True, text=True)
+    metrics = json.loads((root / "metrics" / "crossval.json").read_text())
+    pool = PreparedData(root / "data" / "prepared").manifest.query("split != 'test'")
+    assert metrics["folds"] == 2 and metrics["cells"] == len(pool)
+    assert metrics["patients"] == pool["patient_id"].nunique()
+    for name in ("crossval.md", "oof.parquet", "label_issues.csv", "label_issues.png"):
+        assert (root / "reports" / "crossval" / name).is_file()
+    shown = dvc(root, "metrics", "show", "--json", capture_output=True, text=True).stdout
+    assert "crossval.json" in shown
 
 
 @pytest.mark.slow
