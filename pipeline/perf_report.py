@@ -69,9 +69,12 @@ def end_to_end(archive: Path, sha256: str, work: Path) -> dict[str, Any]:
     noop = time.perf_counter() - t0
     stages = {s: json.loads((project / "logs" / f"{s}.stats.json").read_text()) for s in STAGES}
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    train = json.loads((project / "metrics" / "train.json").read_text())
+    test = {k: metrics[k] for k in metrics if isinstance(metrics[k], float) and k.split("_ci_")[0] in
+            ("accuracy", "roc_auc", "sensitivity", "specificity")}
     return {"repro_s": round(total, 1), "noop_repro_s": round(noop, 2), "stages": stages,
             "test_accuracy": metrics.get("accuracy"), "test_roc_auc": metrics.get("roc_auc"),
-            "project": str(project)}
+            "test": test, "best_epoch": train.get("best_epoch"), "project": str(project)}
 
 
 def run_all(prepared: Path, model_uri: str, archive: Path, sha256: str, work: Path,
@@ -193,7 +196,7 @@ Augmentation on / pre-materialised: **{t['augment_over_materialised']}** (goal >
 
 `dvc repro` of a fresh project on the archive: {e['repro_s']} s in all (DVC's own work
 included); a no-op `dvc repro` afterwards: {e['noop_repro_s']} s. Test accuracy {e['test_accuracy']:.4f},
-AUC {e['test_roc_auc']:.4f}. Peak memory is the resident memory of the stage's process and every
+AUC {e['test_roc_auc']:.4f}; best epoch {e['best_epoch']} (the training params of this checkout). Peak memory is the resident memory of the stage's process and every
 process under it (its local Ray instance and workers), sampled every 0.2 s; memory shared
 between processes counts once per process.
 
