@@ -107,9 +107,10 @@ def scoring(model_uri: str, prepared: Path, n_images: int, batch_size: int, repe
     cfg = ScoreConfig(input=str(work / "cells"), batch_size=batch_size)
     runs = [score(cfg, model_uri, work / "scores.parquet") for _ in range(repeats + 1)]
     pipe = statistics.median(r.images_per_s for r in runs[1:])  # the first starts Ray: reported apart
-    actors = {}
+    actors = {}  # scaling with the actor count, on a quarter of the images (one run each)
+    write_images(prepared, max(n_images // 4, 1), work / "quarter")
     for k in sorted({1, 2}):
-        c = ScoreConfig(input=str(work / "cells"), batch_size=batch_size, concurrency=k,
+        c = ScoreConfig(input=str(work / "quarter"), batch_size=batch_size, concurrency=k,
                         cpus_per_actor=max(0.5, (cores() - 1) / k))
         actors[k] = round(score(c, model_uri, work / f"scores_{k}.parquet").images_per_s, 1)
     return {"images": n_images, "batch_size": batch_size, "plain_images_per_s": round(plain, 1),
@@ -117,7 +118,8 @@ def scoring(model_uri: str, prepared: Path, n_images: int, batch_size: int, repe
             "score_images_per_s": round(pipe, 1), "score_runs": [round(r.images_per_s, 1) for r in runs[1:]],
             "score_first_run_images_per_s": round(runs[0].images_per_s, 1),
             "score_time_to_first_row_s": round(statistics.median(r.first_row_s for r in runs[1:]), 2),
-            "actors_images_per_s": actors, "ratio": round(pipe / plain, 3)}
+            "actors_images": max(n_images // 4, 1), "actors_images_per_s": actors,
+            "ratio": round(pipe / plain, 3)}
 
 
 def small_job(model_uri: str, prepared: Path, n_images: int, work: Path) -> dict[str, Any]:

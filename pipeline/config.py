@@ -195,6 +195,7 @@ class ScoreConfig(Checked):
     """Ray Data batch scoring settings."""
 
     SECTION = "score"
+    CHOICES = {"decode": ("auto", "actor", "tasks")}
     RANGES = {"batch_size": (1, None), "concurrency": (1, None), "cpus_per_actor": (0.01, None),
               "threads_per_actor": (0, None), "local_max_images": (0, None)}
 
@@ -205,6 +206,7 @@ class ScoreConfig(Checked):
     cpus_per_actor: float = 1.0
     threads_per_actor: int = 0  # torch threads of an actor; 0: the node's cores / concurrency
     local_max_images: int = 500  # at most this many, no cluster: score in this process, no Ray start
+    decode: str = "auto"  # auto: in the actors on CPU, separate tasks for GPU actors | actor | tasks
     use_gpu: bool = False  # one GPU per actor
     tta: bool = False  # mean probability over the 8 flips/rotations
 

@@ -14,6 +14,7 @@ from pipeline import crossval
 from pipeline.config import Params, UserError
 from pipeline.prepared import PreparedData, array_file
 from pipeline.selection import SIZE_KEY, ConfigResult, cross_validate, prepared_at, read_exclude
+from pipeline.tracking import log_artifact
 from pipeline.utils import atomic_path, write_json
 
 SHOWN = ("accuracy", "roc_auc", "sensitivity", "specificity")
@@ -156,7 +157,9 @@ def crossval_params(params: Params, prepared: str | Path, out_dir: str | Path, m
     result = cross_validate(params, {"params": {}}, prepared, name, work_dir=work_dir)[0]
     if result.failed:
         raise UserError("cross-validation failed: " + "; ".join(result.failed))
-    return result, write_crossval(result, PreparedData(prepared), out_dir, metrics_path)
+    report = write_crossval(result, PreparedData(prepared), out_dir, metrics_path)
+    log_artifact(result.parent_run_id, out_dir, "crossval")  # the summary, on the parent run
+    return result, report
 
 
 def sweep(params: Params, grid: dict[str, dict[str, Any]], prepared: str | Path, raw: str | Path | None,
@@ -175,4 +178,5 @@ def sweep(params: Params, grid: dict[str, dict[str, Any]], prepared: str | Path,
     write_json(out / "sweep.json", [{"configuration": r.name, "overrides": r.overrides,
                                      "failed": r.failed, **(metrics_of(r) if not r.failed else {})}
                                     for r in results])
+    log_artifact(results[0].parent_run_id, out, "sweep")  # the summary, on the parent run
     return results

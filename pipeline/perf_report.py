@@ -152,8 +152,9 @@ with Ray already running (the first run, which starts Ray, is shown apart).
 | **ratio** (goal >= 0.9) | **{sc['ratio']}** |
 | `score`, first run of the process (starts Ray) | {sc['score_first_run_images_per_s']} |
 
-Time to the first row written: {sc['score_time_to_first_row_s']} s. Actors: {actors}
-(each actor's torch threads = cores / actors).
+Time to the first row written: {sc['score_time_to_first_row_s']} s. Scaling with the number of
+predictor actors ({sc['actors_images']:,} images, one run each; each actor's torch threads =
+cores / actors): {actors}.
 
 Small jobs, {r['size']['small_job_images']} images, each in a fresh Python process (imports included
 in the process time):

@@ -153,14 +153,17 @@ def decode_batch(batch: pd.DataFrame, size: int) -> dict[str, np.ndarray]:
 
 
 class BatchPredictor:
-    """Ray Data actor: loads the registered model once, then scores decoded batches.
+    """Ray Data actor: loads the registered model once, then scores batches.
 
-    Decoding runs in separate Ray Data tasks (other cores), so this actor spends
-    its CPU or GPU on the forward pass.
+    A batch arrives decoded (separate decoding tasks) or as paths (``size`` given): then
+    the actor decodes it itself, and with two calls in flight one batch decodes while the
+    other runs the forward pass (one forward at a time, holding every torch thread).
     """
 
     def __init__(self, model_uri: str, version: str, tracking_uri: str, tta: bool = False,
-                 threads: int = 0):
+                 threads: int = 0, size: int = 0):
+        import threading
+
         import mlflow
         import torch
 
@@ -175,11 +178,16 @@ class BatchPredictor:
         self.version = version
         if threads:  # Ray sets an actor's threads to its CPU reservation; decoding needs less
             torch.set_num_threads(threads)
+        self.size, self._forward = size, threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
+        if "pixels" not in batch:
+            batch = decode_batch(pd.DataFrame({"path": batch["path"], "container": batch["container"]}),
+                                 self.size)
         errors = [str(e) or None for e in batch["error"]]
         ok = [i for i, e in enumerate(errors) if e is None]
-        probs = self.predictor.predict_resized(batch["pixels"][ok])
+        with self._forward:
+            probs = self.predictor.predict_resized(batch["pixels"][ok])
         preds = format_predictions(probs, ok, errors, self.predictor.meta.class_names)
         preds.insert(0, "path", batch["path"])
         preds["model_version"] = self.version
@@ -262,7 +270,8 @@ def _local_batches(inputs: pd.DataFrame, cfg: ScoreConfig, size: int,
 
 def _ray_batches(inputs: pd.DataFrame, cfg: ScoreConfig, size: int,
                  predictor_args: dict) -> Iterable[pd.DataFrame]:
-    """Decoding tasks streaming into a pool of predictor actors (Ray Data)."""
+    """Ray Data: paths into a pool of predictor actors (decoding in the actors on CPU,
+    pipelined with the forward pass; in separate tasks feeding GPU actors)."""
     init_ray()  # before Ray is imported here: it reads its settings on import
     import ray
     from ray.data import ActorPoolStrategy
@@ -270,15 +279,23 @@ def _ray_batches(inputs: pd.DataFrame, cfg: ScoreConfig, size: int,
     adopt_library_loggers()  # Ray Data sets up its console logging on import
     ray.data.DataContext.get_current().print_on_execution_start = False  # the plan: Ray's log
     ds = ray.data.from_items(inputs.to_dict("records"))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=cfg.batch_size,
-                        batch_format="pandas", num_cpus=1)
+    in_actor = decode_in_actor(cfg)
+    if not in_actor:
+        ds = ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=cfg.batch_size,
+                            batch_format="pandas", num_cpus=1)
     ds = ds.map_batches(
-        BatchPredictor, fn_constructor_kwargs=predictor_args,
+        BatchPredictor, fn_constructor_kwargs={**predictor_args, "size": size if in_actor else 0},
         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if cfg.use_gpu else None,
-        compute=ActorPoolStrategy(size=cfg.concurrency),
+        compute=ActorPoolStrategy(size=cfg.concurrency, max_concurrent_calls_per_actor=2,
+                                  enable_true_multi_threading=in_actor),
     )
     return ds.iter_batches(batch_format="pandas", batch_size=None)
+
+
+def decode_in_actor(cfg: ScoreConfig) -> bool:
+    """``score.decode``: auto decodes in the actors on CPU, in separate tasks for GPU actors."""
+    return cfg.decode == "actor" or (cfg.decode == "auto" and not cfg.use_gpu)
 
 
 def patients_path(output: str | Path) -> Path:

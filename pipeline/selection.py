@@ -39,6 +39,7 @@ class ConfigResult:
     folds: pd.DataFrame | None = None
     wall_s: float = 0.0
     failed: list[str] = field(default_factory=list)
+    parent_run_id: str = ""  # the MLflow run the trials are children of
 
 
 def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
@@ -107,8 +108,8 @@ def cross_validate(params: Params, configs: dict[str, dict[str, Any]], prepared:
                            "configurations": ",".join(configs)})
         outcomes = run_trials(specs, name, work / "tune", parent.info.run_id,
                               _cpus_per_trial(params), uri)
-        results = [_collect(n, configs[n], resolved[n], [outcomes[i] for i in trial_of[n]])
-                   for n in configs]
+        results = [replace(_collect(n, configs[n], resolved[n], [outcomes[i] for i in trial_of[n]]),
+                           parent_run_id=parent.info.run_id) for n in configs]
         for r in results:
             mlflow.log_metrics({f"{r.name}.{k}": v for k, v in r.pooled.items()
                                 if isinstance(v, float) and v == v})

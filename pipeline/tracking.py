@@ -90,8 +90,12 @@ def end_failed_run(uri: str, exc: BaseException, kept: str) -> None:
 
 
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-    """Attach ``path`` to the (possibly finished) run ``run_id`` in the current store."""
+    """Attach ``path`` to the (possibly finished) run ``run_id`` in the current store; a folder's
+    contents go under ``artifact_path``."""
     import mlflow
 
-    mlflow.MlflowClient(tracking_uri=mlflow.get_tracking_uri()).log_artifact(
-        run_id, str(path), artifact_path)
+    client = mlflow.MlflowClient(tracking_uri=mlflow.get_tracking_uri())
+    if Path(path).is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)

@@ -138,4 +138,6 @@ def test_two_fold_trials_are_child_runs_and_a_failed_trial_is_reported(
     assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
     assert "diverges fold 0" in parent.data.tags["failed_trials"]
     assert parent.data.metrics["ok.accuracy"] == pytest.approx(ok.pooled["accuracy"])
+    summary = [a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "sweep")]
+    assert "sweep/sweep.md" in summary and "sweep/ok" in summary
     assert (tmp_path / "sweep" / "ok" / "crossval.md").read_text().count("nan") == 0

@@ -220,10 +220,11 @@ def _unreadable_at_start_middle_end(root):
     return bad
 
 
-@pytest.mark.parametrize("local_max_images", [0, 500], ids=["ray", "in-process"])
+@pytest.mark.parametrize("local_max_images,decode", [(0, "actor"), (0, "tasks"), (500, "auto")],
+                         ids=["ray-decode-in-actor", "ray-decode-tasks", "in-process"])
 @pytest.mark.parametrize("container", ["folder", "zip"])
-def test_unreadable_images_anywhere_in_the_input_get_error_rows(container, local_max_images, ray_local,
-                                                                champion, tmp_path):
+def test_unreadable_images_anywhere_in_the_input_get_error_rows(container, local_max_images, decode,
+                                                                ray_local, champion, tmp_path):
     root = tmp_path / "cells"
     bad = _unreadable_at_start_middle_end(root)
     source = root
@@ -232,8 +233,8 @@ def test_unreadable_images_anywhere_in_the_input_get_error_rows(container, local
         with zipfile.ZipFile(source, "w") as zf:
             for p in sorted(root.iterdir()):
                 zf.write(p, p.name)
-    result = score(ScoreConfig(input=str(source), batch_size=4, local_max_images=local_max_images),
-                   champion, tmp_path / "out.parquet")
+    result = score(ScoreConfig(input=str(source), batch_size=4, local_max_images=local_max_images,
+                               decode=decode), champion, tmp_path / "out.parquet")
     assert result.engine == ("ray" if local_max_images == 0 else "local")
     table = pd.read_parquet(result.output)
     assert len(table) == table["path"].nunique() == 15 == result.n_images
