@@ -26,9 +26,12 @@ WARMUP_EPOCHS = 1  # the first epoch (allocations, caches) is not counted
 
 
 def slice_of(prepared: Path, n_train: int, n_val: int, dest: Path) -> PreparedData:
-    """A prepared folder of the first ``n_train`` training and ``n_val`` validation cells."""
+    """A prepared folder of ``n_train`` training and ``n_val`` validation cells drawn at random
+    (seeded: the splits are stored class by class, so the first rows would be one class)."""
     data = PreparedData(prepared)
-    rows = pd.concat([data.rows("train").head(n_train), data.rows("val").head(n_val)])
+    train, val = data.rows("train"), data.rows("val")
+    rows = pd.concat([train.sample(min(n_train, len(train)), random_state=0),
+                      val.sample(min(n_val, len(val)), random_state=0)])
     return write_resplit(data, rows.set_index("path")["split"], dest)
 
 
