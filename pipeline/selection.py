@@ -7,7 +7,6 @@ one MLflow parent run, and pool each configuration's out-of-fold predictions.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,8 +19,6 @@ from pipeline import crossval
 from pipeline.config import ConfigError, Params, from_dict, to_dict
 from pipeline.prepared import PreparedData
 from pipeline.trials import TrialOutcome, TrialSpec, run_trials, with_storage
-
-log = logging.getLogger(__name__)
 
 SIZE_KEY = "prepare.image_size"  # a configuration with this key gets its own prepared folder
 TTA_KEY = "evaluate.tta"  # an inference-only key: configurations that differ only here share trials

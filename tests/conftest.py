@@ -169,9 +169,13 @@ def tracking_uri(tmp_path_factory) -> str:
     return uri
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray instance on loopback, shut down (only it) at the end."""
+    """A local Ray instance on loopback for one test module, shut down (only it) after it.
+
+    Per module, not per session: a test that starts Ray in a subprocess (the demo, the
+    stages) would otherwise find two local instances, and Ray Train's placement-group
+    cleaner, which looks its cluster up by address, prints a traceback about them."""
     import ray
 
     from pipeline.utils import init_ray
