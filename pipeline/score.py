@@ -161,7 +161,7 @@ class BatchPredictor:
     """
 
     def __init__(self, model_uri: str, version: str, tracking_uri: str, tta: bool = False,
-                 threads: int = 0, size: int = 0):
+                 threads: int = 0, size: int = 0, in_worker: bool = True):
         import threading
 
         import mlflow
@@ -171,7 +171,8 @@ class BatchPredictor:
         from pipeline.utils import set_quiet_env
 
         set_quiet_env()
-        quiet_worker()
+        if in_worker:  # in the caller's process (a small job) its logging stays as it is
+            quiet_worker()
         setup_mlflow(uri=tracking_uri)
         self.predictor = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
         self.predictor.tta = tta
@@ -262,7 +263,7 @@ def runs_locally(cfg: ScoreConfig, n_images: int) -> bool:
 def _local_batches(inputs: pd.DataFrame, cfg: ScoreConfig, size: int,
                    predictor_args: dict) -> Iterable[pd.DataFrame]:
     """The Ray path's decode and predictor code, batch by batch, in this process."""
-    predictor = BatchPredictor(**predictor_args)
+    predictor = BatchPredictor(**predictor_args, in_worker=False)
     for start in range(0, len(inputs), cfg.batch_size):
         for _, part in inputs.iloc[start:start + cfg.batch_size].groupby("container", sort=False):
             yield predictor(decode_batch(part, size))

@@ -169,6 +169,18 @@ def tracking_uri(tmp_path_factory) -> str:
     return uri
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _mlflow_experiment_stays_in_its_module():
+    """A module that selects an MLflow experiment (training, cross-validation, the benchmark)
+    leaves none active for the next: MLflow keeps it in a global and in MLFLOW_EXPERIMENT_ID,
+    which a later test's store (or subprocess) does not have."""
+    yield
+    import mlflow.tracking.fluent as fluent
+
+    fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance on loopback for one test module, shut down (only it) after it.

@@ -40,7 +40,8 @@ def prepared_medium(tmp_path_factory) -> Path:
 
 def _cfg(tmp_path: Path, **kw) -> TrainConfig:
     base = dict(model="efficientnet_lite0", pretrained=True, epochs=4, batch_size=32,
-                num_workers=2, storage_path=str(tmp_path / "ray"), max_failures=2)
+                num_workers=2, storage_path=str(tmp_path / "ray"), max_failures=2,
+                early_stopping_patience=0)  # these tests count epochs: none may stop early
     return TrainConfig(**{**base, **kw})
 
 
