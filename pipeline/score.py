@@ -171,9 +171,9 @@ class BatchPredictor:
         from pipeline.utils import set_quiet_env
 
         set_quiet_env()
-        if in_worker:  # in the caller's process (a small job) its logging stays as it is
+        if in_worker:  # in the caller's process (a small job) its logging and store stay as they are
             quiet_worker()
-        setup_mlflow(uri=tracking_uri)
+            setup_mlflow(uri=tracking_uri)
         self.predictor = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
         self.predictor.tta = tta
         self.version = version
