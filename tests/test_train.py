@@ -94,7 +94,7 @@ DRIVER = textwrap.dedent("""
     from pipeline.utils import setup_logging
     setup_logging()
     cfg = TrainConfig(model="efficientnet_lite0", epochs=4, batch_size=32, num_workers=2,
-                      storage_path=sys.argv[2])
+                      storage_path=sys.argv[2], early_stopping_patience=0)
     r = train(cfg, policy(AugmentConfig(), 40), sys.argv[1], sys.argv[3], "tests-resume")
     print("RUN", r.run_id, r.history["epoch"].tolist())
 """)
