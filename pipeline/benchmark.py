@@ -12,6 +12,7 @@ writes ``docs/performance.md``.
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
 import statistics
@@ -111,7 +112,7 @@ def scoring(model_uri: str, prepared: Path, n_images: int, batch_size: int, repe
     write_images(prepared, max(n_images // 4, 1), work / "quarter")
     for k in sorted({1, 2}):
         c = ScoreConfig(input=str(work / "quarter"), batch_size=batch_size, concurrency=k,
-                        cpus_per_actor=max(0.5, (cores() - 1) / k))
+                        cpus_per_actor=max(0.5, (cores() - 1) / k), local_max_images=0)
         actors[k] = round(score(c, model_uri, work / f"scores_{k}.parquet").images_per_s, 1)
     return {"images": n_images, "batch_size": batch_size, "plain_images_per_s": round(plain, 1),
             "plain_runs": [round(v, 1) for v in plain_runs], "plain_layout": best,
@@ -135,8 +136,6 @@ def small_job(model_uri: str, prepared: Path, n_images: int, work: Path) -> dict
                 "'engine':r.engine}))")
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        import json
-
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         out[name] = {"process_wall_s": round(time.perf_counter() - t0, 2),
                      "score_call_s": round(result["wall_s"], 2),

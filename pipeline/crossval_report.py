@@ -13,7 +13,7 @@ import pandas as pd
 from pipeline import crossval
 from pipeline.config import Params, UserError
 from pipeline.prepared import PreparedData, array_file
-from pipeline.selection import SIZE_KEY, ConfigResult, cross_validate, prepared_at, read_exclude
+from pipeline.selection import ConfigResult, cross_validate, read_exclude
 from pipeline.tracking import log_artifact
 from pipeline.utils import atomic_path, write_json
 
@@ -171,9 +171,7 @@ def sweep(params: Params, grid: dict[str, dict[str, Any]], prepared: str | Path,
     results = cross_validate(params, grid, prepared, name, raw=raw, work_dir=work_dir)
     for r in results:
         if not r.failed:
-            data = PreparedData(prepared_at(r.params, Path(prepared).resolve(), None, Path(work_dir).resolve())
-                                if SIZE_KEY in r.overrides else prepared)
-            write_crossval(r, data, out / r.name, out / r.name / "metrics.json")
+            write_crossval(r, PreparedData(r.prepared), out / r.name, out / r.name / "metrics.json")
     (out / "sweep.md").write_text(sweep_table(results))
     write_json(out / "sweep.json", [{"configuration": r.name, "overrides": r.overrides,
                                      "failed": r.failed, **(metrics_of(r) if not r.failed else {})}

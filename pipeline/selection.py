@@ -37,6 +37,7 @@ class ConfigResult:
     wall_s: float = 0.0
     failed: list[str] = field(default_factory=list)
     parent_run_id: str = ""  # the MLflow run the trials are children of
+    prepared: str = ""  # the prepared folder its trials learned from (its image size)
 
 
 def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
@@ -147,16 +148,17 @@ def _collect(name: str, overrides: dict[str, Any], params: Params,
              outcomes: list[TrialOutcome]) -> ConfigResult:
     """Pool one configuration's OOF rows (its TTA variant's) and compute its figures."""
     failed = [f"{name} fold {o.spec.fold}: {o.error}" for o in outcomes if not o.ok]
-    wall = sum(o.wall_s for o in outcomes)
+    wall, data = sum(o.wall_s for o in outcomes), outcomes[0].spec.prepared
     if failed:
-        return ConfigResult(name, overrides, params, None, wall_s=wall, failed=failed)
+        return ConfigResult(name, overrides, params, None, wall_s=wall, failed=failed, prepared=data)
     oof = pd.concat([o.oof[o.oof["tta"] == params.evaluate.tta] for o in outcomes], ignore_index=True)
     if not np.isfinite(oof["p_pos"]).all():
-        return ConfigResult(name, overrides, params, None, wall_s=wall,
+        return ConfigResult(name, overrides, params, None, wall_s=wall, prepared=data,
                             failed=[f"{name}: non-finite out-of-fold probabilities"])
     ev = params.evaluate
     pooled = crossval.pooled(oof, ev.positive_class, ev.patient_threshold, ev.bootstrap, ev.ci_level)
-    return ConfigResult(name, overrides, params, oof, pooled, crossval.per_fold(oof, ev.positive_class), wall)
+    return ConfigResult(name, overrides, params, oof, pooled, crossval.per_fold(oof, ev.positive_class), wall,
+                        prepared=data)
 
 
 def _description(params: Params, configs: dict[str, dict[str, Any]]) -> str:

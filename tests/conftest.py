@@ -170,13 +170,20 @@ def tracking_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _mlflow_experiment_stays_in_its_module():
-    """A module that selects an MLflow experiment (training, cross-validation, the benchmark)
-    leaves none active for the next: MLflow keeps it in a global and in MLFLOW_EXPERIMENT_ID,
-    which a later test's store (or subprocess) does not have."""
-    yield
+def _mlflow_state_stays_in_its_module():
+    """A module leaves MLflow's process-wide state as it found it: the tracking URI (a global,
+    which ``mlflow.set_tracking_uri`` also exports as MLFLOW_TRACKING_URI) and the active
+    experiment (a global and MLFLOW_EXPERIMENT_ID). A later module's store or subprocess
+    would otherwise be one this module pointed at."""
+    import mlflow
     import mlflow.tracking.fluent as fluent
 
+    env = os.environ.get("MLFLOW_TRACKING_URI")  # None until the session's store is made
+    uri = mlflow.get_tracking_uri() if env else None
+    yield
+    if env is not None:
+        mlflow.set_tracking_uri(uri)
+        os.environ["MLFLOW_TRACKING_URI"] = env
     fluent._active_experiment_id = None
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 

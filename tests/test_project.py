@@ -61,21 +61,21 @@ def test_dvc_repro_runs_every_stage_on_the_real_sample(sample_zip, tmp_path):
     test_patients = set(manifest.loc[manifest["split"] == "test", "patient_id"])
     assert set(patients["patient_id"]) == test_patients and patients["cells"].sum() == len(scores)
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")  # not the global URI: later modules use it
     run_id = json.loads((project / "models/train.json").read_text())["run_id"]
-    run = mlflow.get_run(run_id)
+    run = client.get_run(run_id)
     assert {"train_loss", "val_loss", "val_acc", "test_accuracy", "test_roc_auc"} <= set(run.data.metrics)
     assert run.data.params["train.model"] == "efficientnet_lite0"
     assert run.info.run_name == "workspace/efficientnet_lite0-finetune_all-32px-1ep"
     note = run.data.tags["mlflow.note.content"]
     assert "real images" in note and "Split by patient" in note and "Test figures on" in note
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"malaria-train", "malaria-val"}
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"params.yaml", "reports", "plots"} <= artifacts
-    assert {"plots/evaluate", "plots/train"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "plots")}
-    description = mlflow.MlflowClient().get_registered_model("malaria").description
+    assert {"plots/evaluate", "plots/train"} <= {a.path for a in client.list_artifacts(run_id, "plots")}
+    description = client.get_registered_model("malaria").description
     assert "## Input contract" in description and "## Validation" in description
-    champion = mlflow.MlflowClient().get_model_version_by_alias("malaria", "champion")
+    champion = client.get_model_version_by_alias("malaria", "champion")
     assert str(champion.version) == "1"
 
     t0 = time.perf_counter()

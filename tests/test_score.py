@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import ScoreConfig
-from pipeline.score import list_inputs, resolve_model, score
+from pipeline.score import resolve_model, score
 from pipeline.synthetic import png_bytes, synthetic_cell
 
 
@@ -71,11 +71,6 @@ def test_alias_resolves_to_a_fixed_version_and_missing_alias_is_clear(champion, 
     assert resolve_model(champion).uri == "models:/score-test/1"
     with pytest.raises(ValueError, match="Run the register stage"):
         resolve_model("models:/score-test@no-such-alias")
-
-
-def test_missing_input_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="score.input"):
-        list_inputs(tmp_path / "nowhere")
 
 
 def test_every_kind_of_bad_input_gets_a_row(ray_local, champion, tmp_path):

@@ -50,8 +50,8 @@ def test_a_server_lost_mid_run_keeps_checkpoints_and_a_rerun_resumes(prepared_sy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     previous = mlflow.get_tracking_uri()
     cfg = TrainConfig(model="baseline_cnn", pretrained=False, regime="scratch", epochs=4, batch_size=16,
-                      num_workers=1, max_failures=0, system_metrics=False,
-                      storage_path=str(tmp_path / "ray"))
+                      num_workers=1, max_failures=0, system_metrics=False, early_stopping_patience=0,
+                      storage_path=str(tmp_path / "ray"))  # counts epochs: none may stop early
     killed = []
 
     def kill_after_first_checkpoint() -> None:
