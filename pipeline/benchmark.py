@@ -123,23 +123,25 @@ def scoring(model_uri: str, prepared: Path, n_images: int, batch_size: int, repe
             "ratio": round(pipe / plain, 3)}
 
 
-def small_job(model_uri: str, prepared: Path, n_images: int, work: Path) -> dict[str, Any]:
-    """Wall time of scoring ``n_images`` in a fresh process: Ray Data vs in-process."""
-    write_images(prepared, n_images, work / "small")
-    out = {}
-    for name, local in (("ray", 0), ("in_process", n_images)):
-        code = ("import json,sys,time;t=time.perf_counter();from pipeline.config import ScoreConfig;"
-                "from pipeline.score import score;"
-                f"r=score(ScoreConfig(input={str(work / 'small')!r},local_max_images={local}),"
-                f"{model_uri!r},{str(work / f'small_{name}.parquet')!r});"
-                "print(json.dumps({'wall_s':time.perf_counter()-t,'first_row_s':r.first_row_s,"
-                "'engine':r.engine}))")
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        out[name] = {"process_wall_s": round(time.perf_counter() - t0, 2),
-                     "score_call_s": round(result["wall_s"], 2),
-                     "first_row_s": round(result["first_row_s"], 2), "engine": result["engine"]}
+def small_job(model_uri: str, prepared: Path, sizes: tuple[int, ...], work: Path) -> dict[str, Any]:
+    """Wall time of scoring each of ``sizes`` images in a fresh process: Ray Data vs in-process."""
+    out: dict[str, Any] = {}
+    for n in sizes:
+        write_images(prepared, n, work / f"small{n}")
+        out[str(n)] = {}
+        for name, local in (("ray", 0), ("in_process", n)):
+            code = ("import json,sys,time;t=time.perf_counter();from pipeline.config import ScoreConfig;"
+                    "from pipeline.score import score;"
+                    f"r=score(ScoreConfig(input={str(work / f'small{n}')!r},local_max_images={local}),"
+                    f"{model_uri!r},{str(work / f'small_{name}.parquet')!r});"
+                    "print(json.dumps({'wall_s':time.perf_counter()-t,'first_row_s':r.first_row_s,"
+                    "'engine':r.engine}))")
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            out[str(n)][name] = {"process_wall_s": round(time.perf_counter() - t0, 2),
+                                 "score_call_s": round(result["wall_s"], 2),
+                                 "first_row_s": round(result["first_row_s"], 2), "engine": result["engine"]}
     return out
 
 

@@ -36,8 +36,9 @@ def slice_of(prepared: Path, n_train: int, n_val: int, dest: Path) -> PreparedDa
 
 
 def plain_loop(data: PreparedData, cfg: TrainConfig, augment: AugmentConfig | None, batch_size: int,
-               threads: int, epochs: int) -> float:
-    """Median images/s after warm-up of the training epoch code in one process."""
+               threads: int, epochs: int, compile_model: bool = False) -> tuple[float, float]:
+    """Median images/s after warm-up of the training epoch code in one process, and the
+    warm-up epoch's seconds (with ``compile_model``, ``torch.compile``'s work is in them)."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(threads)
     split = data.split("train")
@@ -48,17 +49,20 @@ def plain_loop(data: PreparedData, cfg: TrainConfig, augment: AugmentConfig | No
     model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, plan.param_groups)
     build_scheduler(cfg, optimizer)
+    if compile_model:
+        model = torch.compile(model)
     transform = load_policy(policy(augment, data.image_size), cfg.seed) if augment else None
     loader = DataLoader(ArrayDataset(split.images, split.labels, transform), batch_size=batch_size,
                         shuffle=True, collate_fn=collate, drop_last=True)
     ctx = EpochContext(model, build_loss(cfg, split.labels, len(data.class_names)), meta,
                        torch.device("cpu"), True, None, 0)
-    rates = []
+    rates, warmup_s = [], 0.0
     for epoch in range(WARMUP_EPOCHS + epochs):
         t0 = time.perf_counter()
         _, _, seen = train_one_epoch(ctx, loader, optimizer, epoch)
         rates.append(seen / (time.perf_counter() - t0))
-    return statistics.median(rates[WARMUP_EPOCHS:])
+        warmup_s += (time.perf_counter() - t0) if epoch < WARMUP_EPOCHS else 0.0
+    return statistics.median(rates[WARMUP_EPOCHS:]), warmup_s
 
 
 def ray_train(data: PreparedData, cfg: TrainConfig, augment: AugmentConfig, work: Path,
@@ -76,14 +80,15 @@ def ray_train(data: PreparedData, cfg: TrainConfig, augment: AugmentConfig, work
 def training(prepared: Path, cfg: TrainConfig, augment: AugmentConfig, n_train: int, epochs: int,
              work: Path) -> dict[str, Any]:
     """Ray Train at 1 worker x all cores and all cores x 1 worker vs the plain loop at the same
-    global batch, and the plain loop with augmentation vs without."""
+    global batch; the plain loop with augmentation vs without, and eager vs ``torch.compile``."""
     from pipeline.benchmark import cores
 
     n = cores()
     data = slice_of(prepared, n_train, max(64, n_train // 8), work / "slice")
     global_batch = cfg.batch_size * n
-    plain = plain_loop(data, cfg, augment, global_batch, n, epochs)
-    plain_no_aug = plain_loop(data, cfg, None, global_batch, n, epochs)
+    plain, eager_warmup_s = plain_loop(data, cfg, augment, global_batch, n, epochs)
+    plain_no_aug, _ = plain_loop(data, cfg, None, global_batch, n, epochs)
+    compiled, compiled_warmup_s = plain_loop(data, cfg, augment, global_batch, n, epochs, compile_model=True)
     layouts = {}
     for workers, cpus in ((1, n), (n, 1)):
         layout = replace(cfg, num_workers=workers, cpus_per_worker=float(cpus),
@@ -94,4 +99,7 @@ def training(prepared: Path, cfg: TrainConfig, augment: AugmentConfig, n_train: 
     return {"images": n_train, "image_size": data.image_size, "global_batch": global_batch,
             "epochs_counted": epochs, "plain_images_per_s": round(plain, 1),
             "plain_no_augment_images_per_s": round(plain_no_aug, 1),
-            "augment_over_materialised": round(plain / plain_no_aug, 3), "ray": layouts}
+            "augment_over_materialised": round(plain / plain_no_aug, 3),
+            "compiled_images_per_s": round(compiled, 1), "compiled_over_eager": round(compiled / plain, 3),
+            "warmup_epoch_s": {"eager": round(eager_warmup_s, 1), "compiled": round(compiled_warmup_s, 1)},
+            "ray": layouts}

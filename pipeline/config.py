@@ -205,7 +205,7 @@ class ScoreConfig(Checked):
     concurrency: int = 1  # predictor actors
     cpus_per_actor: float = 1.0
     threads_per_actor: int = 0  # torch threads of an actor; 0: the node's cores / concurrency
-    local_max_images: int = 500  # at most this many, no cluster: score in this process, no Ray start
+    local_max_images: int = 5000  # at most this many, no cluster: in this process (faster up to ~10k here)
     decode: str = "auto"  # auto: in the actors on CPU, separate tasks for GPU actors | actor | tasks
     use_gpu: bool = False  # one GPU per actor
     tta: bool = False  # mean probability over the 8 flips/rotations

@@ -29,6 +29,8 @@ def test_benchmark_smoke_runs_every_comparison_and_writes_the_page(prepared_synt
     data = json.loads(page.with_suffix(".json").read_text())
     assert data["scoring"]["ratio"] > 0 and data["prepare"]["byte_identical"] is True
     assert len(data["training"]["ray"]) == 2  # 1 worker x all cores, all cores x 1 thread
-    assert data["small_job"]["in_process"]["engine"] == "local" and data["small_job"]["ray"]["engine"] == "ray"
+    small = data["small_job"]["16"]
+    assert small["in_process"]["engine"] == "local" and small["ray"]["engine"] == "ray"
     assert 0.0 <= data["bf16"]["share_within_1e-2_same_label"] <= 1.0 and data["bf16"]["cells"] > 0
-    assert len(ratios(results)) == 6
+    assert data["training"]["compiled_images_per_s"] > 0
+    assert len(ratios(results)) == 7
