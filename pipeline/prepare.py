@@ -315,6 +315,8 @@ def _members(archive: Path, root: Path, spec: DatasetSpec, size: int, workers: i
         return
     with multiprocessing.get_context("fork").Pool(n, initializer=_start_reader, initargs=args) as pool:
         yield lambda names: pool.imap(_read, names, chunksize=64)
+        pool.close()  # the workers end on their own; the with's terminate() would SIGTERM them
+        pool.join()   # (a caller that imported Ray gets a stack trace printed for each)
 
 
 def _write_arrays(manifest: pd.DataFrame, pixels: list[np.ndarray], root: Path) -> pd.DataFrame:
