@@ -151,6 +151,9 @@ warm-up, as the median of {r['size']['repeats']} runs.
 Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, Ray {m['ray']}, Python {m['python']}.
 {gpu}
 
+What was measured by hand (`dvc repro` before and after, same params; how much these figures
+move from one run to the next on this machine): [performance-notes.md](performance-notes.md).
+
 ## Batch scoring
 
 {sc['images']:,} real cell PNGs (the sample's test cells, cycled), batch {sc['batch_size']}, from
