@@ -56,13 +56,13 @@ def plain_loop(data: PreparedData, cfg: TrainConfig, augment: AugmentConfig | No
                         shuffle=True, collate_fn=collate, drop_last=True)
     ctx = EpochContext(model, build_loss(cfg, split.labels, len(data.class_names)), meta,
                        torch.device("cpu"), True, None, 0)
-    rates, warmup_s = [], 0.0
+    seen, seconds = [], []
     for epoch in range(WARMUP_EPOCHS + epochs):
         t0 = time.perf_counter()
-        _, _, seen = train_one_epoch(ctx, loader, optimizer, epoch)
-        rates.append(seen / (time.perf_counter() - t0))
-        warmup_s += (time.perf_counter() - t0) if epoch < WARMUP_EPOCHS else 0.0
-    return statistics.median(rates[WARMUP_EPOCHS:]), warmup_s
+        seen.append(train_one_epoch(ctx, loader, optimizer, epoch)[2])
+        seconds.append(time.perf_counter() - t0)
+    rates = [n / s for n, s in zip(seen, seconds)]
+    return statistics.median(rates[WARMUP_EPOCHS:]), sum(seconds[:WARMUP_EPOCHS])
 
 
 def ray_train(data: PreparedData, cfg: TrainConfig, augment: AugmentConfig, work: Path,
