@@ -7,7 +7,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1 \
        NO_ALBUMENTATIONS_UPDATE=1 RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
 
-.PHONY: help install demo metrics bench test test-fast clean-demo
+.PHONY: help install demo metrics bench bench-gpu test test-fast clean-demo
 
 help: ## this list
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -26,6 +26,10 @@ metrics: ## headline test figures and experiments of this project, in 120 column
 
 bench: ## after the README's sample run: every throughput comparison -> docs/performance.md (~20 min)
 	$(BIN)/python -m pipeline benchmark
+
+CELLS ?= data/raw/malaria.zip
+bench-gpu: ## on a CUDA machine, after the sample run: GPU training and scoring -> docs/performance-gpu.md
+	$(BIN)/python -m pipeline.benchmark_gpu --cells $(CELLS) --checkpoint models/model.pt
 
 test: ## the whole test suite, as CI runs it
 	$(BIN)/python -m pytest

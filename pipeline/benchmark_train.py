@@ -11,11 +11,10 @@ from typing import Any
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from pipeline.augment import load_policy, policy
 from pipeline.config import AugmentConfig, TrainConfig
-from pipeline.engine import ArrayDataset, EpochContext, collate, train_one_epoch
+from pipeline.engine import ArrayDataset, EpochContext, make_loader, train_one_epoch
 from pipeline.inference import ModelMeta
 from pipeline.models import create_model, model_info
 from pipeline.optim import build_loss, build_optimizer, build_scheduler
@@ -52,8 +51,8 @@ def plain_loop(data: PreparedData, cfg: TrainConfig, augment: AugmentConfig | No
     if compile_model:
         model = torch.compile(model)
     transform = load_policy(policy(augment, data.image_size), cfg.seed) if augment else None
-    loader = DataLoader(ArrayDataset(split.images, split.labels, transform), batch_size=batch_size,
-                        shuffle=True, collate_fn=collate, drop_last=True)
+    loader = make_loader(ArrayDataset(split.images, split.labels, transform), batch_size, torch.device("cpu"),
+                         shuffle=True, drop_last=True)
     ctx = EpochContext(model, build_loss(cfg, split.labels, len(data.class_names)), meta,
                        torch.device("cpu"), True, None, 0)
     seen, seconds = [], []

@@ -126,7 +126,7 @@ class TrainConfig(Checked):
               "weight_decay": (0.0, None), "warmup_epochs": (0, None), "step_size": (1, None),
               "gamma": (1e-6, 1.0), "label_smoothing": (0.0, 0.99),
               "early_stopping_patience": (0, None), "num_workers": (1, None),
-              "cpus_per_worker": (0.01, None), "max_failures": (-1, None)}
+              "loader_workers": (-1, None), "cpus_per_worker": (0.01, None), "max_failures": (-1, None)}
 
     model: str = "efficientnet_lite0"
     pretrained: bool = True
@@ -151,6 +151,9 @@ class TrainConfig(Checked):
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # DataLoader processes per worker augmenting ahead of the step; -1: none on CPU (the worker's
+    # cores run torch), 4 on a GPU, whose step outruns one augmenting thread (docs/performance-gpu.md)
+    loader_workers: int = -1
     seed: int = 42
     storage_path: str = "checkpoints"  # local/shared path or a pyarrow URI (s3://, gs://)
     max_failures: int = 2

@@ -7,13 +7,14 @@ benchmarks' baseline). Under DDP the epoch totals are summed over workers.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from pipeline.config import UserError
 from pipeline.inference import ModelMeta, to_tensor
@@ -44,6 +45,34 @@ def collate(batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Te
     """Stack uint8 images (normalised later, on the device) and labels."""
     images = torch.from_numpy(np.stack([b[0] for b in batch]))
     return images, torch.tensor([b[1] for b in batch])
+
+
+def _init_loader_worker(worker_id: int) -> None:
+    """Each loader process draws its own augmentations: a forked copy of the transform would
+    repeat its parent's (and every other worker's) random draws. (OpenCV's thread count is left
+    alone: ``cv2.setNumThreads`` in a child forked after the parent used OpenCV hangs.)"""
+    info = get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None:
+        transform.set_random_seed(info.seed % 2**32)
+
+
+def loader_workers(requested: int, device: torch.device) -> int:
+    """``train.loader_workers``; -1 (auto): none on CPU, where the worker's cores run torch, and 4
+    on a GPU, whose step outruns one augmenting thread (H100, 96 px, batch 64: none reached 0.65
+    of the model's step rate, 4 reached it; docs/performance-gpu.md)."""
+    if requested >= 0:
+        return requested
+    return min(4, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+
+
+def make_loader(dataset: ArrayDataset, batch_size: int, device: torch.device, workers: int = 0,
+                **kwargs) -> DataLoader:
+    """A loader of uint8 batches; with ``workers``, that many processes augment ahead of the
+    step (pinned memory when the batches go to a GPU)."""
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      worker_init_fn=_init_loader_worker if workers else None, **kwargs)
 
 
 @dataclass

@@ -115,7 +115,8 @@ def ratios(r: dict[str, Any]) -> list[str]:
 def write(results: dict[str, Any], markdown: Path, command: str) -> None:
     """``docs/performance.md`` (tables) and the JSON beside it."""
     write_json(markdown.with_suffix(".json"), results)
-    markdown.write_text(render(results, command))
+    gpu = markdown.with_name("performance-gpu.json")  # from `python -m pipeline.benchmark_gpu`
+    markdown.write_text(render(results, command, json.loads(gpu.read_text()) if gpu.exists() else None))
 
 
 # What was measured by hand (2026-11-27, not by this command) about the slower layout.
@@ -130,12 +131,13 @@ changed nothing. So the likely cost is a two-thread OpenMP team losing a core to
 wake-ups. One process per core does not pay it."""
 
 
-def render(r: dict[str, Any], command: str) -> str:
-    """The performance page, every figure from ``r``."""
+def render(r: dict[str, Any], command: str, gpu_run: dict[str, Any] | None = None) -> str:
+    """The performance page, every figure from ``r`` (and a link to ``gpu_run``'s page)."""
     m, sc, sj, bf, t, pr = (r[k] for k in ("machine", "scoring", "small_job", "bf16", "training", "prepare"))
-    gpu = (f"GPU: {m['gpu']}." if m["gpu"] else
-           "No GPU was available to this run (the project's GPU machine is lent to some tasks only), "
-           "so there are no GPU figures: the CUDA path (`train.use_gpu`, AMP, `score.use_gpu`) is unmeasured.")
+    gpu = f"GPU: {m['gpu']}." if m["gpu"] else "No GPU on this machine."
+    gpu += (f" GPU figures ({gpu_run['machine']['gpu']}, {gpu_run.get('date', '')}, by `python -m "
+            "pipeline.benchmark_gpu`): [performance-gpu.md](performance-gpu.md)." if gpu_run else
+            " No GPU run is on record, so the CUDA path (`train.use_gpu`, AMP, `score.use_gpu`) is unmeasured.")
     actors = " / ".join(f"{k} actor(s): {v} img/s" for k, v in sc["actors_images_per_s"].items())
     small = "\n".join(f"| {n} | " + " | ".join(f"{v[e]['process_wall_s']} | {v[e]['score_call_s']} | "
                                                 f"{v[e]['first_row_s']}" for e in ("ray", "in_process")) + " |"

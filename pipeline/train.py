@@ -22,14 +22,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from pipeline import run_notes
 from pipeline.augment import load_policy
 from pipeline.config import TrainConfig, UserError, flatten
 from pipeline.console import epoch_line, quiet_train_worker
-from pipeline.engine import (ArrayDataset, EpochContext, NonFiniteLossError, collate, evaluate_epoch,
-                             train_one_epoch)
+from pipeline.engine import (ArrayDataset, EpochContext, NonFiniteLossError, evaluate_epoch, loader_workers,
+                             make_loader, train_one_epoch)
 from pipeline.inference import ModelMeta, save_checkpoint
 from pipeline.models import create_model, model_info
 from pipeline.optim import EarlyStopping, build_loss, build_optimizer, build_scheduler
@@ -234,18 +233,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _loaders(config: dict[str, Any], rank: int, world: int):
     """Sharded training and validation loaders, and the training labels."""
-    from ray.train.torch import prepare_data_loader
+    from ray.train.torch import get_device, prepare_data_loader
 
     cfg: TrainConfig = config["cfg"]
     train_x, train_y = object_store_value(config["train"])
     val_x, val_y = object_store_value(config["val"])
     g = torch.Generator().manual_seed(cfg.seed)
-    train_loader = prepare_data_loader(DataLoader(
+    device = get_device()
+    train_loader = prepare_data_loader(make_loader(
         ArrayDataset(train_x, train_y, load_policy(config["policy"], cfg.seed + rank)),
-        batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=g,
+        cfg.batch_size, device, loader_workers(cfg.loader_workers, device), shuffle=True, generator=g,
         drop_last=len(train_y) > cfg.batch_size * world))
-    val_loader = prepare_data_loader(DataLoader(
-        ArrayDataset(val_x, val_y), batch_size=cfg.batch_size * 2, collate_fn=collate))
+    # validation has no augmentation to do ahead: it stacks its batches in this process
+    val_loader = prepare_data_loader(make_loader(ArrayDataset(val_x, val_y), cfg.batch_size * 2, device))
     return train_loader, val_loader, train_y
 
 
