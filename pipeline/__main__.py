@@ -239,7 +239,8 @@ def _add_score_and_rollback(sub) -> None:
                    help="folder, .zip, glob ('cells/*.png') or .csv/.parquet with a 'path' column")
     p.add_argument("--output", required=True, help="predictions .parquet")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--concurrency", type=int, default=1, help="predictor actors")
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="predictor actors (0: one per GPU, or one per CPU, at most 8)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs each actor reserves")
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument("--tta", action="store_true", help="average over 8 flips/rotations")

@@ -199,15 +199,15 @@ class ScoreConfig(Checked):
 
     SECTION = "score"
     CHOICES = {"decode": ("auto", "actor", "tasks")}
-    RANGES = {"batch_size": (1, None), "concurrency": (1, None), "cpus_per_actor": (0.01, None),
+    RANGES = {"batch_size": (1, None), "concurrency": (0, None), "cpus_per_actor": (0.01, None),
               "threads_per_actor": (0, None), "local_max_images": (0, None)}
 
     input: str = ""  # folder or zip; empty = the test split of the manifest
     model_uri: str = ""  # empty = models:/<register.model_name>@champion
     batch_size: int = 64
-    concurrency: int = 1  # predictor actors
+    concurrency: int = 0  # predictor actors; 0: one per GPU, or one per cpus_per_actor of the CPUs (at most 8)
     cpus_per_actor: float = 1.0
-    threads_per_actor: int = 0  # torch threads of an actor; 0: the node's cores / concurrency
+    threads_per_actor: int = 0  # torch threads of an actor; 0: the node's cores / actors
     local_max_images: int = 5000  # at most this many, no cluster: in this process (faster up to ~10k here)
     decode: str = "auto"  # auto: in the actors on CPU, separate tasks for GPU actors | actor | tasks
     use_gpu: bool = False  # one GPU per actor

@@ -163,8 +163,8 @@ files to probabilities. The plain program is a forked Python pool decoding and r
 the project's `load_rgb`/`resize` while torch runs the same model's forward pass (fp32,
 channels_last), with the fastest layout of those tried (torch threads x decoding processes:
 {", ".join(f"{k}: {v}" for k, v in sc['plain_layout']['tried'].items())} img/s on 1,000 files).
-`score` runs with its defaults (Ray Data: one predictor actor decoding its batches itself,
-two in flight, its torch on the node's cores; one Parquet file); its rate counts from the
+`score` runs with its defaults (Ray Data: one predictor actor per core, each on one torch
+thread, decoding its batches itself, two in flight; one Parquet file); its rate counts from the
 dataset's creation, actor start included, with Ray already running (the first run, which
 starts Ray, is shown apart).
 

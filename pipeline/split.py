@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 SPLITS = ("train", "val", "test")
 
@@ -48,6 +47,9 @@ def one_fold(labels: np.ndarray, groups: np.ndarray, ratio: float, seed: int) ->
     """Indices of one stratified group fold holding about ``ratio`` of the samples."""
     n_groups = len(np.unique(groups))
     n_splits = int(min(max(2, round(1.0 / ratio)), n_groups))
+    from sklearn.model_selection import StratifiedGroupKFold  # here: sklearn takes ~1 s to import,
+    # and every reader of the prepared layout (each scoring actor too) imports this module
+
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     best = None
     for _, idx in folds.split(np.zeros(len(labels)), labels, groups):

@@ -51,7 +51,7 @@ def test_params_yaml_lists_every_knob():
     ({"train": {"lr": 0.0}}, r"train.lr: 0.0 is outside"),
     ({"train": {"epochs": 0}}, r"train.epochs: 0 is outside \[1, inf\]"),
     ({"train": {"num_workers": 0}}, r"train.num_workers"),
-    ({"score": {"concurrency": 0}}, r"score.concurrency"),
+    ({"score": {"concurrency": -1}}, r"score.concurrency"),
     ({"evaluate": {"ci_level": 95}}, r"evaluate.ci_level"),
 ])
 def test_bad_params_fail_at_load_naming_the_key_and_allowed_values(change, message):

@@ -279,3 +279,16 @@ def test_a_scoring_actor_killed_mid_job_still_scores_every_input_exactly_once(ra
     assert len(table) == result.n_images == 400
     assert table["path"].nunique() == 400 and set(table["path"]) == {p.name for p in root.iterdir()}
     assert table["error"].isna().all()
+
+
+def test_actor_count_auto_is_one_per_cpu_up_to_eight_each_on_one_thread(ray_local, monkeypatch):
+    from pipeline.score import actor_count, actor_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert actor_count(ScoreConfig()) == 2  # the fixture's Ray has 2 CPUs
+    assert actor_threads(ScoreConfig(), 2) == 1
+    assert actor_count(ScoreConfig(cpus_per_actor=2.0)) == 1
+    assert actor_count(ScoreConfig(concurrency=3)) == 3
+    assert actor_count(ScoreConfig(use_gpu=True)) == 1  # no GPU in the cluster: one actor waits for one
+    assert actor_threads(ScoreConfig(use_gpu=True), 1) == 0
+    assert actor_threads(ScoreConfig(threads_per_actor=3), 2) == 3
