@@ -192,8 +192,9 @@ def actor_threads(cfg: ScoreConfig, actors: int) -> int:
 def actor_count(cfg: ScoreConfig) -> int:
     """``score.concurrency``; 0 (auto): one actor per GPU of the cluster with ``use_gpu``, else
     one per ``cpus_per_actor`` of its CPUs, at most 8. Measured on 2 cores, 20,000 images: two
-    one-thread actors scored 1.17-1.20x the plain program's images/s, one two-thread actor 1.03x
-    (OpenMP's team of two loses a core to Ray's own processes; docs/performance-notes.md)."""
+    one-thread actors scored 1.17-1.20x the plain program's images/s, one two-thread actor
+    0.88-1.03x (likely OpenMP's team of two losing a core to Ray's own processes, as in
+    training; docs/performance-notes.md)."""
     import ray
 
     if cfg.concurrency:
