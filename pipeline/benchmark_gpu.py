@@ -145,8 +145,8 @@ def _decoded(part, size: int):
     return decode_batch(part, size)["pixels"]
 
 
-def scoring(cells: Path, predictor: Predictor, device: torch.device, images: int, decode_workers: tuple[int, ...],
-            repeats: int) -> dict[str, Any]:
+def scoring(cells: Path, predictor: Predictor, device: torch.device, images: int,
+            decode_workers: tuple[int, ...], repeats: int) -> dict[str, Any]:
     """Predictor (the scoring actor's forward path) from files: decode in a process pool while
     the predictor scores, against the model's pure forward on device-resident batches."""
     inputs, _ = list_inputs(str(cells))
@@ -331,7 +331,8 @@ own speed on this GPU with the data already on it.
 | | images/s | / ceiling |
 |---|---|---|
 {_rows(sc, {"pure_forward_fp32": "ceiling: normalise, forward, softmax on resident batches, fp32",
-            "pure_forward_bf16": "the same under bf16 autocast", "pure_forward_fp16": "the same under fp16 autocast",
+            "pure_forward_bf16": "the same under bf16 autocast",
+            "pure_forward_fp16": "the same under fp16 autocast",
             "predictor_decoded": "`Predictor.predict_resized` on decoded images in host memory", **decoders},
        sc["pure_forward_fp32"])}
 
@@ -378,8 +379,8 @@ def main(argv: list[str] | None = None) -> None:
         out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         out.write_text(render(result, command))
         print(f"[{time.strftime('%H:%M:%S')}] saved: {', '.join(result)}", flush=True)
-    result = run(Path(args.cells), Path(args.checkpoint) if args.checkpoint else None, device, args.smoke, save,
-                 tuple(args.parts))
+    result = run(Path(args.cells), Path(args.checkpoint) if args.checkpoint else None, device,
+                 args.smoke, save, tuple(args.parts))
     print(json.dumps(result, indent=1))
 
 

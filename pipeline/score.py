@@ -8,9 +8,9 @@ becomes a row with its error; it never stops the job.
 
 Decoding tasks take one CPU of Ray's accounting, an actor ``cpus_per_actor``; by default
 there is one actor per CPU, each on one torch thread (``threads_per_actor``: the node's cores /
-actors), since decoding needs a fraction of what the forward pass does (docs/performance.md). A small job with no cluster configured
-(``local_max_images``) runs the same decode and predictor code in this process: starting
-Ray and an actor would cost more than the job.
+actors), since decoding needs a fraction of what the forward pass does (docs/performance.md).
+A small job with no cluster configured (``local_max_images``) runs the same decode and
+predictor code in this process: starting Ray and an actor would cost more than the job.
 """
 
 from __future__ import annotations
@@ -244,8 +244,8 @@ def _ray_batches(inputs: pd.DataFrame, cfg: ScoreConfig, size: int,
     ray.data.DataContext.get_current().print_on_execution_start = False  # the plan: Ray's log
     actors = actor_count(cfg)
     # the checkpoint's bytes, once, for every actor wherever it runs
-    predictor_args = {**predictor_args, "checkpoint": ray.put(Path(predictor_args["checkpoint"]).read_bytes()),
-                      "threads": actor_threads(cfg, actors)}
+    checkpoint = ray.put(Path(predictor_args["checkpoint"]).read_bytes())
+    predictor_args = {**predictor_args, "checkpoint": checkpoint, "threads": actor_threads(cfg, actors)}
     ds = ray.data.from_items(inputs.to_dict("records"))
     in_actor = decode_in_actor(cfg)
     if not in_actor:

@@ -244,11 +244,6 @@ def checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["meta"]
 
 
-def model_meta(model_uri: str) -> dict[str, Any]:
-    """Metadata (image size, class names) of a logged model, from its checkpoint."""
-    return checkpoint_meta(checkpoint_of(model_uri))
-
-
 def metrics_on_split(model_uri: str, data: PreparedData, split: str, positive_class: str | None,
                      groups: Sequence[str] | None = None) -> dict[str, Any]:
     """Metrics of a logged model on the original image files of a prepared split
