@@ -26,7 +26,8 @@ import torch
 
 from pipeline.augment import load_policy, policy
 from pipeline.config import AugmentConfig, TrainConfig
-from pipeline.engine import ArrayDataset, EpochContext, forward_batch, make_loader, train_one_epoch
+from pipeline.engine import (ArrayDataset, EpochContext, forward_batch, make_loader, optimizer_step,
+                             train_one_epoch)
 from pipeline.inference import ModelMeta, Predictor, load_checkpoint, to_tensor
 from pipeline.models import create_model, model_info
 from pipeline.optim import build_optimizer
@@ -78,15 +79,7 @@ def pure_train_step_rate(ctx: EpochContext, optimizer, batches, device, repeats:
     no host work or synchronisation between steps."""
     def run() -> int:
         for x, y in batches:
-            _, loss, _ = forward_batch(ctx, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            if ctx.scaler is not None:
-                ctx.scaler.scale(loss).backward()
-                ctx.scaler.step(optimizer)
-                ctx.scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            optimizer_step(ctx, optimizer, forward_batch(ctx, x, y)[1])
         return sum(len(y) for _, y in batches)
     return rate(run, device, repeats)
 
@@ -188,11 +181,9 @@ def _decoded_at(args) -> np.ndarray:
     return _decoded(*args)
 
 
-def precision(cells: Path, predictor: Predictor, device: torch.device) -> dict[str, Any]:
-    """fp32 against autocast probabilities on every cell of ``cells``: the largest difference, the
-    share within 1e-2 and the share with the same label."""
-    inputs, _ = list_inputs(str(cells))
-    pixels = _decoded(inputs, predictor.meta.image_size)
+def precision(pixels: np.ndarray, predictor: Predictor, device: torch.device) -> dict[str, Any]:
+    """fp32 against autocast probabilities on decoded cells: the largest difference, the share
+    within 1e-2 and the share with the same label."""
     x = torch.from_numpy(pixels)
     out: dict[str, Any] = {"cells": len(pixels)}
     with torch.inference_mode():
@@ -267,7 +258,7 @@ def run(cells: Path, checkpoint: Path | None, device: torch.device, smoke: bool 
                     "model": meta.model, "image_size": size, "cells": len(images)}}
     predictor = _predictor(checkpoint, meta, device)
     if checkpoint is not None and "precision" in parts:
-        result["precision"] = precision(cells, predictor, device)
+        result["precision"] = precision(images, predictor, device)
         save(result)
     if "scoring" in parts:
         result["scoring"] = scoring(cells, predictor, device, 192 if smoke else 20000,

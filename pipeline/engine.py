@@ -120,6 +120,18 @@ def finite_on_every_worker(loss: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
+def optimizer_step(ctx: EpochContext, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """Backward and one optimiser step (through the gradient scaler with CUDA mixed precision)."""
+    optimizer.zero_grad(set_to_none=True)
+    if ctx.scaler is not None:
+        ctx.scaler.scale(loss).backward()
+        ctx.scaler.step(optimizer)
+        ctx.scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train_one_epoch(ctx: EpochContext, loader, optimizer: torch.optim.Optimizer,
                     epoch: int) -> tuple[float, float, int]:
     """One training pass; mean loss, accuracy and images seen over all workers.
@@ -134,14 +146,7 @@ def train_one_epoch(ctx: EpochContext, loader, optimizer: torch.optim.Optimizer,
         if not finite_on_every_worker(loss):
             raise NonFiniteLossError(f"the training loss became {loss.item()} at epoch {epoch + 1}, "
                                      f"batch {step + 1} (on this worker or another)")
-        optimizer.zero_grad(set_to_none=True)
-        if ctx.scaler is not None:
-            ctx.scaler.scale(loss).backward()
-            ctx.scaler.step(optimizer)
-            ctx.scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(ctx, optimizer, loss)
         totals += _batch_totals(ctx, logits, loss, labels)
     return _all_workers(totals)
 
