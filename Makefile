@@ -12,24 +12,32 @@ export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1 \
 help: ## this list
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
+# Where torch and torchvision come from: empty = PyPI with the rest (the CUDA build, with its CUDA
+# libraries); https://download.pytorch.org/whl/cpu = PyTorch's CPU wheels (as docker/Dockerfile).
+TORCH_INDEX_URL ?=
+TORCH_PINS = $(shell grep -E '^torch(vision)?==' requirements.lock)
+
 install: ## a venv in .venv with every pinned dependency (Python 3.11), offline plots template
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+ifneq ($(strip $(TORCH_INDEX_URL)),)
+	$(BIN)/python -m pip install --index-url $(TORCH_INDEX_URL) $(TORCH_PINS)
+endif
 	$(BIN)/python -m pip install -c requirements.lock -e '.[dev,cluster]'
 	$(BIN)/python -m pipeline plots-template
 
-demo: ## every stage end to end on synthetic cells, offline, in demo/ (about 2 minutes)
+demo: ## every stage end to end on synthetic cells, offline, in demo/
 	$(BIN)/python -m pipeline demo --dir demo
 
 metrics: ## headline test figures and experiments of this project, in 120 columns
 	$(BIN)/python -m pipeline metrics
 
-bench: ## after the README's sample run: every throughput comparison -> docs/performance.md (~20 min)
-	$(BIN)/python -m pipeline benchmark
+bench: ## after the README's sample run: every throughput comparison -> reports/performance.md (~20 min; OUT=docs publishes)
+	$(BIN)/python -m pipeline benchmark --out $(or $(OUT),reports)
 
 CELLS ?= data/raw/malaria.zip
-bench-gpu: ## on a CUDA machine, after the sample run: GPU training and scoring -> docs/performance-gpu.md
-	$(BIN)/python -m pipeline.benchmark_gpu --cells $(CELLS) --checkpoint models/model.pt
+bench-gpu: ## on a CUDA machine, after the sample run: GPU training and scoring -> reports/ (OUT=docs publishes)
+	$(BIN)/python -m pipeline.bench.gpu --cells $(CELLS) --checkpoint models/model.pt --out $(or $(OUT),reports)
 
 test: ## the whole test suite, as CI runs it
 	$(BIN)/python -m pytest

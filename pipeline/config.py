@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 # The config machinery, re-exported: the rest of the package imports it from here.
-from pipeline.typedconfig import (Checked, ConfigError, UserError, flatten,  # noqa: F401
-                                  from_dict, to_dict)
+from pipeline.typedconfig import (  # noqa: F401
+    Checked,
+    ConfigError,
+    UserError,
+    flatten,
+    from_dict,
+    to_dict,
+)
 
 # The allowed values of every enum-like param; the modules that implement them use these.
 REGIMES = ("scratch", "feature_extract", "finetune_top", "finetune_all")
@@ -125,7 +132,7 @@ class TrainConfig(Checked):
               "batch_size": (1, None), "lr": (1e-12, None), "momentum": (0.0, 0.999),
               "weight_decay": (0.0, None), "warmup_epochs": (0, None), "step_size": (1, None),
               "gamma": (1e-6, 1.0), "label_smoothing": (0.0, 0.99),
-              "early_stopping_patience": (0, None), "num_workers": (1, None),
+              "early_stopping_patience": (0, None),
               "loader_workers": (-1, None), "cpus_per_worker": (0.01, None), "max_failures": (-1, None)}
 
     model: str = "efficientnet_lite0"
@@ -148,7 +155,10 @@ class TrainConfig(Checked):
     early_stopping_patience: int = 1  # epochs without val_loss improvement; 0 = off
     amp: bool = True  # mixed precision, on CUDA only
     system_metrics: bool = True  # MLflow CPU/memory/GPU metrics of the driver node
-    num_workers: int = 2
+    # Ray Train workers, or "auto": one per GPU with use_gpu, else one per cpus_per_worker of the
+    # CPUs, at most 8 (pipeline.cluster.resolve_num_workers). "auto" first: typedconfig coerces
+    # a union to its first member, and a Literal passes through to the check below.
+    num_workers: Literal["auto"] | int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     # DataLoader processes per worker augmenting ahead of the step; -1: none on CPU (the worker's
@@ -158,6 +168,12 @@ class TrainConfig(Checked):
     storage_path: str = "checkpoints"  # local/shared path or a pyarrow URI (s3://, gs://)
     max_failures: int = 2
     channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n = self.num_workers
+        if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigError(f"train.num_workers: {n!r} is neither a whole number >= 1 nor 'auto'")
 
 
 @dataclass(frozen=True)
@@ -200,7 +216,7 @@ class ScoreConfig(Checked):
     SECTION = "score"
     CHOICES = {"decode": ("auto", "actor", "tasks")}
     RANGES = {"batch_size": (1, None), "concurrency": (0, None), "cpus_per_actor": (0.01, None),
-              "threads_per_actor": (0, None), "local_max_images": (0, None)}
+              "threads_per_actor": (0, None), "local_max_images": (0, None), "ood_threshold": (0, None)}
 
     input: str = ""  # folder or zip; empty = the test split of the manifest
     model_uri: str = ""  # empty = models:/<register.model_name>@champion
@@ -212,6 +228,7 @@ class ScoreConfig(Checked):
     decode: str = "auto"  # auto: in the actors on CPU, separate tasks for GPU actors | actor | tasks
     use_gpu: bool = False  # one GPU per actor
     tta: bool = False  # mean probability over the 8 flips/rotations
+    ood_threshold: float = 0.0  # reject above this out-of-distribution score; 0: the model's own
 
 
 @dataclass(frozen=True)
@@ -227,6 +244,20 @@ class CrossvalConfig(Checked):
 
 
 @dataclass(frozen=True)
+class ValidateConfig(Checked):
+    """External validation: a labelled archive of new patients scored by a registered model."""
+    SECTION = "validate"
+    RANGES = {"bootstrap": (1, None), "ci_level": (0.5, 0.999), "errors_shown": (0, None)}
+
+    archive: str = ""  # zip of <class>/<image> files (the layout prepare reads) of new patients
+    model_uri: str = ""  # empty = models:/<register.model_name or dataset>@<register.alias>
+    bootstrap: int = 1000  # patient-bootstrap resamples for confidence intervals
+    ci_level: float = 0.95
+    exclude_overlap: bool = False  # leave out (and report) patients the model trained on; else refuse
+    errors_shown: int = 16  # most confident errors shown as thumbnails
+
+
+@dataclass(frozen=True)
 class Params:
     """Every section of ``params.yaml``."""
 
@@ -239,14 +270,15 @@ class Params:
     register: RegisterConfig = field(default_factory=RegisterConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     crossval: CrossvalConfig = field(default_factory=CrossvalConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
 
     def __post_init__(self) -> None:
-        # Every dataset of pipeline/datasets.py has its source here, so this also
+        # Every dataset of pipeline/data/datasets.py has its source here, so this also
         # refuses an unknown dataset name, listing the known ones.
         if self.dataset not in self.download.sources:
             raise ConfigError(f"dataset: no download.sources.{self.dataset} in params.yaml; datasets "
                               f"with a source: {', '.join(sorted(self.download.sources))} (a new one "
-                              "needs an entry in pipeline/datasets.py and its source)")
+                              "needs an entry in pipeline/data/datasets.py and its source)")
 
 
 def read_params(path: Path) -> Params:

@@ -127,3 +127,10 @@ def epoch_line(metrics: dict[str, float], epochs: int) -> str:
             f"{metrics['train_acc']:.4f} | val loss {metrics['val_loss']:.4f} acc "
             f"{metrics['val_acc']:.4f} | {metrics['images_per_s']:.0f} img/s, "
             f"{metrics['epoch_time_s']:.1f} s")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Plain, timestamped log lines for the CLIs and stages."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )

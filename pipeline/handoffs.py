@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from pipeline.config import ConfigError, from_dict
-from pipeline.utils import write_json
+from pipeline.files import write_json
 
 H = TypeVar("H")
 

@@ -170,3 +170,11 @@ def create_model(name: str, num_classes: int, pretrained: bool = True) -> nn.Mod
 def model_info(name: str) -> ModelInfo:
     """Input normalisation of model ``name``."""
     return MODELS[name][1] if name in MODELS else _IMAGENET_INFO
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    """The classification head: the model's last ``nn.Linear``."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head")
+    return linears[-1]

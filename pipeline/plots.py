@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn import metrics as skm
 
 from pipeline.clinical import expected_calibration_error
-from pipeline.utils import atomic_path
+from pipeline.files import atomic_path
 
 
 def figure(figsize: tuple[float, float]) -> Figure:

@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
-from pipeline.utils import QUIET_ENV
+from pipeline.env import QUIET_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ("dvc.yaml", "crossval/dvc.yaml", "params.yaml", ".dvcignore")
+PROJECT_FILES = ("dvc.yaml", "crossval/dvc.yaml", "validate/dvc.yaml", "params.yaml", ".dvcignore")
 PROJECT_DIRS = ("pipeline", "stages")
 OFFLINE_TEMPLATE = "offline_plots.html"  # in .dvc/, where plots.html_template points
 # What a copy makes that does not belong in its git history (DVC ignores its own outputs).

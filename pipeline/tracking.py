@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 from pipeline.config import UserError
 
@@ -22,6 +24,12 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BA
 
 class TrackingUnavailable(UserError):
     """The MLflow tracking server cannot be reached."""
+
+
+def dvc_experiment() -> str:
+    """The DVC experiment this process runs in (``dvc exp run`` sets ``DVC_EXP_NAME``), or
+    ``workspace``: the first part of every MLflow run name."""
+    return os.environ.get("DVC_EXP_NAME") or "workspace"
 
 
 def tracking_uri() -> str:
@@ -69,6 +77,54 @@ def reachable(uri: str) -> bool:
         return True
     except (MlflowException, OSError):
         return False
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Point this process, and every process it starts, at ``uri`` (a Ray Tune trial that runs
+    the normal training driver, which reads the URI from the environment)."""
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    setup_mlflow(uri=uri)
+
+
+@contextlib.contextmanager
+def mlflow_run(uri: str, kept: str, **start_args: Any) -> Iterator[Any]:
+    """An MLflow run that ends FINISHED when the block ends and FAILED when it raises.
+
+    ``start_args`` go to ``mlflow.start_run``. If the tracking server went away mid-run,
+    :class:`TrackingUnavailable` says so and what ``kept`` (say, the checkpoints) a re-run
+    resumes from.
+    """
+    import mlflow
+
+    run = mlflow.start_run(**start_args)
+    try:
+        yield run
+    except BaseException as exc:
+        end_failed_run(uri, exc, kept)
+        raise
+    mlflow.end_run()
+
+
+@dataclass(frozen=True)
+class RunLogger:
+    """Logging to one run by id from a process that did not start it (rank 0 of Ray Train)."""
+
+    client: Any  # mlflow.MlflowClient
+    run_id: str
+
+    @classmethod
+    def connect(cls, uri: str, run_id: str) -> "RunLogger":
+        import mlflow
+
+        setup_mlflow(uri=uri)
+        return cls(mlflow.MlflowClient(), run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value), step=step)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
 
 
 def end_failed_run(uri: str, exc: BaseException, kept: str) -> None:

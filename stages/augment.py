@@ -3,9 +3,9 @@
 
 from common import load_params, run_stage
 
-from pipeline.augment import load_policy, policy, save_policy
+from pipeline.data.augment import load_policy, policy, save_policy
+from pipeline.data.prepared import PreparedData
 from pipeline.plots import augmentation_preview
-from pipeline.prepared import PreparedData
 
 
 def main(prepared: str, policy_path: str, preview_path: str) -> None:

@@ -11,9 +11,11 @@ from typing import Callable
 
 import yaml
 
+from pipeline.cli import DEBUG_ENV, run_cli
 from pipeline.config import Params, read_params
 from pipeline.console import header, stage_logging
-from pipeline.utils import DEBUG_ENV, run_cli, set_quiet_env, write_json
+from pipeline.env import set_quiet_env
+from pipeline.files import write_json
 
 
 def run_stage(main: Callable[..., None], doc: str | None) -> None:

@@ -3,7 +3,7 @@ cross-validation by patient of the params; OOF table, report, label issues and m
 
 from common import load_params, run_stage
 
-from pipeline.crossval_report import crossval_params
+from pipeline.selection.report import crossval_params
 
 
 def main(prepared: str, out_dir: str, metrics: str) -> None:

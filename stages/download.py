@@ -2,7 +2,7 @@
 
 from common import load_params, run_stage
 
-from pipeline.download import download
+from pipeline.data.download import download
 
 
 def main(output: str) -> None:

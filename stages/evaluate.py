@@ -4,9 +4,9 @@ from pathlib import Path
 
 from common import load_params, model_name, run_stage
 
-from pipeline.evaluate import evaluate
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.summary import headline
 from pipeline.handoffs import TrainHandoff, read_handoff
-from pipeline.summary import headline
 
 
 def main(model_dir: str, prepared: str, metrics: str, plots_dir: str, report: str) -> None:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from common import load_params, run_stage
 
-from pipeline.prepare import prepare
-from pipeline.prepared import DATA_CARD
+from pipeline.data.prepare import prepare
+from pipeline.data.prepared import DATA_CARD
 
 
 def main(archive: str, out_dir: str, card: str) -> None:

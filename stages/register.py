@@ -6,7 +6,7 @@ from pathlib import Path
 from common import load_params, model_name, run_stage
 
 from pipeline.handoffs import RegisterHandoff, TrainHandoff, read_handoff, write_handoff
-from pipeline.registry import register
+from pipeline.serving.registry import register
 
 
 def main(model_dir: str, metrics: str, prepared: str, output: str) -> None:

@@ -1,11 +1,11 @@
-"""DVC stage `score`: Ray Data batch scoring with the champion model."""
+"""DVC stage `score`: batch scoring with the champion model (Ray Data; small jobs in-process)."""
 
 
 from common import load_params, run_stage
 
-from pipeline.datasets import get_dataset
+from pipeline.data.datasets import get_dataset
 from pipeline.handoffs import RegisterHandoff, read_handoff
-from pipeline.score import score
+from pipeline.serving.score import score
 
 
 def main(registered: str, prepared: str, output: str) -> None:
@@ -14,7 +14,8 @@ def main(registered: str, prepared: str, output: str) -> None:
     spec = get_dataset(params.dataset)
     result = score(params.score, model_uri, output, prepared=prepared,
                    group_of=spec.group_of if spec.has_patients else None, patients=True)
-    print(f"{result.n_images} images scored with {result.model_uri} ({result.n_errors} errors, "
+    print(f"{result.n_images} images scored with {result.model_uri} ({result.n_rejected} rejected, "
+          f"{result.n_errors} errors, "
           f"{result.images_per_s:.1f} img/s) -> {result.output}")
 
 

@@ -3,23 +3,22 @@
 from pathlib import Path
 
 import yaml
-
 from common import load_params, run_stage
 
+from pipeline.files import atomic_path, write_json
 from pipeline.handoffs import TrainHandoff, write_handoff
 from pipeline.plots import training_curves
 from pipeline.tracking import log_artifact
-from pipeline.train import train
-from pipeline.utils import atomic_path, write_json
+from pipeline.training.driver import RunOptions, train
 
 
 def main(prepared: str, policy: str, model_dir: str, metrics: str, history: str,
          curves: str) -> None:
     params = load_params()
+    # The data's own record (report.json) and the policy file describe what prepare and augment
+    # did; their params are not read here, so an output-neutral one (prepare.workers) re-runs nothing.
     result = train(params.train, yaml.safe_load(Path(policy).read_text()), prepared, model_dir,
-                   experiment=params.dataset,
-                   extra_params={"dataset": params.dataset, "prepare": vars(params.prepare),
-                                 "augment": vars(params.augment)})
+                   params.dataset, RunOptions(extra_params={"dataset": params.dataset}))
     write_handoff(TrainHandoff(result.run_id, result.model_uri), Path(model_dir) / "train.json")
     last = result.history.iloc[-1]
     write_json(metrics, {"best_epoch": result.best_epoch, "train_loss": last["train_loss"],

@@ -13,13 +13,51 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.utils import set_quiet_env
+from pipeline.env import set_quiet_env
 
 set_quiet_env()
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE_ZIP = REPO.parent / "shared" / "data" / "cell_images_sample.zip"
+# The real NIH data beyond the fixture: the 32-patient sample and the 84-patient external pool,
+# wherever MALARIA_SAMPLE / MALARIA_POOL point (.ci/run points them at the project's copies).
+# Tests that need them carry the `sample` mark and do not run without them.
+SAMPLE_ENV, POOL_ENV = "MALARIA_SAMPLE", "MALARIA_POOL"
 SAMPLE_SHA256 = "e126241df6db48ee5e710370ef90aba547d10411c89d024a6e392f15be590163"
+# A few hundred real cells of 12 sample patients, committed (tests/fixtures/README.md).
+CELLS_SMALL = REPO / "tests" / "fixtures" / "cells_small.zip"
+CELLS_SMALL_SHA256 = "1b5fa8d5c5b83848d5f2bc9e483dfdb68a84b563a2f568776d259a6726194674"
+HOW_TO_GET_THE_SAMPLE = (
+    f"set {SAMPLE_ENV} (and {POOL_ENV}) to the zip's path; build them from the official "
+    "cell_images.zip with `pipeline sample cell_images.zip sample.zip` (and `--subset pool`)")
+
+
+def real_data(env: str) -> Path | None:
+    """The zip ``env`` points at, or None when unset or missing."""
+    path = os.environ.get(env)
+    return Path(path).resolve() if path and Path(path).is_file() else None
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Without the real sample, `sample` tests are skipped (never passed), and counted."""
+    missing = [env for env in (SAMPLE_ENV, POOL_ENV) if real_data(env) is None]
+    if not missing:
+        return
+    skip = pytest.mark.skip(reason=f"{' and '.join(missing)} not set: {HOW_TO_GET_THE_SAMPLE}")
+    needing = [item for item in items if item.get_closest_marker("sample")
+               and set(missing) & set(item.get_closest_marker("sample").args or (SAMPLE_ENV,))]
+    for item in needing:
+        item.add_marker(skip)
+    config.stash[_NOT_RUN] = len(needing)
+
+
+_NOT_RUN = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    not_run = config.stash.get(_NOT_RUN, 0)
+    if not_run:
+        terminalreporter.write_line(f"{not_run} tests of the real NIH sample did not run: "
+                                    f"{HOW_TO_GET_THE_SAMPLE}", yellow=True)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -121,7 +159,7 @@ def check_champion_on_server(server: str, monkeypatch) -> None:
         run = client.get_run(champion.run_id)
         assert {"train_loss", "val_loss", "test_accuracy"} <= set(run.data.metrics)
         model = mlflow.pyfunc.load_model("models:/malaria@champion")
-        from pipeline.synthetic import png_bytes
+        from pipeline.data.synthetic import png_bytes
 
         preds = model.predict(pd.DataFrame({"image": [png_bytes(np.full((50, 60, 3), 200, np.uint8))]}))
         assert preds["predicted_label"].iloc[0] in {"Parasitized", "Uninfected"}
@@ -131,16 +169,32 @@ def check_champion_on_server(server: str, monkeypatch) -> None:
 
 @pytest.fixture(scope="session")
 def sample_zip() -> Path:
-    """The real 32-patient NIH sample beside the repository."""
-    if not SAMPLE_ZIP.exists():
-        pytest.fail(f"real sample missing: {SAMPLE_ZIP} (see ../shared/data/README.md)")
-    return SAMPLE_ZIP
+    """The real 32-patient NIH sample (``MALARIA_SAMPLE``); only `sample` tests ask for it."""
+    path = real_data(SAMPLE_ENV)
+    if path is None:  # a test without the mark asked for it: that is a bug of the test
+        pytest.fail(f"{SAMPLE_ENV} not set, and this test lacks the `sample` mark")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pool_zip() -> Path:
+    """The real 84-patient external pool (``MALARIA_POOL``); only `sample` tests ask for it."""
+    path = real_data(POOL_ENV)
+    if path is None:
+        pytest.fail(f"{POOL_ENV} not set, and this test lacks the `sample(\"{POOL_ENV}\")` mark")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cells_small() -> Path:
+    """235 real cells of 12 sample patients, committed with the tests."""
+    return CELLS_SMALL
 
 
 @pytest.fixture(scope="session")
 def synthetic_zip(tmp_path_factory) -> Path:
     """A small synthetic archive with Thumbs.db files and two corrupt PNGs."""
-    from pipeline.synthetic import make_archive
+    from pipeline.data.synthetic import make_archive
 
     return make_archive(tmp_path_factory.mktemp("synth") / "cells.zip", n_patients=10,
                         cells_per_patient=16, seed=1, corrupt=2)
@@ -150,7 +204,7 @@ def synthetic_zip(tmp_path_factory) -> Path:
 def prepared_synthetic(synthetic_zip, tmp_path_factory) -> Path:
     """The synthetic archive run through ``prepare`` at a tiny image size."""
     from pipeline.config import PrepareConfig
-    from pipeline.prepare import prepare
+    from pipeline.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     prepare(synthetic_zip, out, PrepareConfig(image_size=32), "malaria")
@@ -197,7 +251,7 @@ def ray_local():
     cleaner, which looks its cluster up by address, prints a traceback about them."""
     import ray
 
-    from pipeline.utils import init_ray
+    from pipeline.cluster import init_ray
 
     init_ray(num_cpus=2)
     yield ray
@@ -207,8 +261,8 @@ def ray_local():
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """An (untrained) small model checkpoint in the format ``train`` writes."""
-    from pipeline.inference import ModelMeta, save_checkpoint
     from pipeline.models import create_model, model_info
+    from pipeline.serving.inference import ModelMeta, save_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     info = model_info("baseline_cnn")
@@ -223,8 +277,8 @@ def model_uris(tracking_uri, checkpoint):
     import mlflow
     import numpy as np
 
-    from pipeline.serving import log_model
-    from pipeline.synthetic import synthetic_cell
+    from pipeline.data.synthetic import synthetic_cell
+    from pipeline.serving.pyfunc import log_model
 
     mlflow.set_experiment("tests")
     example = synthetic_cell(np.random.default_rng(0), True, 40)
@@ -234,3 +288,38 @@ def model_uris(tracking_uri, checkpoint):
             return log_model(checkpoint, example, ("Parasitized", "Uninfected"))
 
     return log
+
+
+@pytest.fixture(scope="session")
+def prepared_cells(cells_small, tmp_path_factory) -> Path:
+    """The committed real cells run through ``prepare`` at 64 px."""
+    from pipeline.config import PrepareConfig
+    from pipeline.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared-cells") / "prepared"
+    prepare(cells_small, out, PrepareConfig(image_size=64), "malaria")
+    return out
+
+
+@pytest.fixture(scope="session")
+def reject_checkpoint(prepared_cells, tmp_path_factory) -> Path:
+    """A checkpoint with the reject option, as ``train`` writes it: the pretrained backbone (its
+    features are what the OOD score reads) fitted on the real cells' training split."""
+    from pipeline.data.prepared import PreparedData
+    from pipeline.models import create_model, model_info
+    from pipeline.serving.inference import (
+        ModelMeta,
+        attach_reject_option,
+        save_checkpoint,
+    )
+    from pipeline.serving.screening import InputLimits
+
+    data = PreparedData(prepared_cells)
+    info = model_info("efficientnet_lite0")
+    meta = ModelMeta("efficientnet_lite0", tuple(data.class_names), data.image_size, info.mean, info.std)
+    path = tmp_path_factory.mktemp("reject-ckpt") / "model.pt"
+    save_checkpoint(path, create_model("efficientnet_lite0", 2, pretrained=True), meta)
+    rows, train = data.rows("train"), data.split("train")
+    attach_reject_option(path, train.images, train.labels, data.split("val").images,
+                         InputLimits.of(rows["width"].to_numpy(), rows["height"].to_numpy()))
+    return path

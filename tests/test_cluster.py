@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 
 from pipeline.project import dvc_env, scaffold
-from tests.conftest import (SAMPLE_SHA256, check_champion_on_server, free_port, start,
-                            start_mlflow_server, stop, wait_for)
+from tests.conftest import (
+    CELLS_SMALL_SHA256,
+    check_champion_on_server,
+    free_port,
+    start,
+    start_mlflow_server,
+    stop,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -67,6 +74,9 @@ def ray_cluster(tmp_path, monkeypatch):
     head = start([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.2",
                   f"--port={gcs}", "--dashboard-host=127.0.0.2", f"--dashboard-port={dash}",
                   "--num-cpus=1", f"--ray-client-server-port={free_port('127.0.0.2')}",
+                  # its own agent port: the default 52365 of another local instance (a pipeline
+                  # run beside the tests) would leave this head without an agent to submit to
+                  f"--dashboard-agent-listen-port={free_port('127.0.0.2')}",
                   "--min-worker-port=21000", "--max-worker-port=21999"],
                  tmp_path / "head.log", env)
     procs = [head]
@@ -97,12 +107,12 @@ def ray_cluster(tmp_path, monkeypatch):
 
 
 def test_ray_job_submit_trains_on_two_nodes_into_postgres_mlflow(
-        sample_zip, tmp_path, mlflow_server, ray_cluster, monkeypatch):
+        cells_small, tmp_path, mlflow_server, ray_cluster, monkeypatch):
     from ray.util.state import list_actors
 
     project = scaffold(tmp_path / "project", {
-        "download": {"sources": {"malaria": {"url": str(sample_zip), "sha256": SAMPLE_SHA256}}},
-        "prepare": {"image_size": 32, "max_images": 300},
+        "download": {"sources": {"malaria": {"url": str(cells_small), "sha256": CELLS_SMALL_SHA256}}},
+        "prepare": {"image_size": 32},
         "train": {"epochs": 1, "batch_size": 32, "num_workers": 2, "cpus_per_worker": 1.0,
                   "storage_path": str(tmp_path / "shared-checkpoints")},
         "evaluate": {"bootstrap": 50, "gradcam_images": 2},

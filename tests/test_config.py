@@ -67,9 +67,9 @@ def test_a_dataset_without_a_source_fails_at_load():
 
 
 def test_enum_values_are_the_ones_the_code_implements():
-    from pipeline.augment import PRESETS
     from pipeline.config import AUGMENT_PRESETS, CUSTOM_MODELS
-    from pipeline.datasets import DATASETS
+    from pipeline.data.augment import PRESETS
+    from pipeline.data.datasets import DATASETS
     from pipeline.models import MODELS
 
     assert set(AUGMENT_PRESETS) == {"custom", *PRESETS}

@@ -12,12 +12,12 @@ def test_the_console_gets_our_warnings_and_every_error_the_file_gets_everything(
     saved = (list(root.handlers), root.level)
     try:
         path = console.stage_logging("train", tmp_path / "logs")
-        logging.getLogger("pipeline.train").info("best epoch 3")
-        logging.getLogger("pipeline.prepare").warning("quarantined 1 unreadable images")
+        logging.getLogger("pipeline.training.driver").info("best epoch 3")
+        logging.getLogger("pipeline.data.prepare").warning("quarantined 1 unreadable images")
         logging.getLogger("mlflow.tracking").info("Creating initial MLflow database tables")
         logging.getLogger("ray.data").warning("a notice nobody can act on")
         logging.getLogger("ray.train").error("worker died")
-        with console.into_log("pipeline.registry"):
+        with console.into_log("pipeline.serving.registry"):
             print("Successfully registered model 'm'.")
         for handler in root.handlers:
             handler.flush()

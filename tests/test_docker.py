@@ -20,8 +20,13 @@ import pytest
 import yaml
 
 from pipeline.project import scaffold
-from tests.conftest import (REPO, SAMPLE_SHA256, check_champion_on_server, free_port,
-                            wait_for)
+from tests.conftest import (
+    CELLS_SMALL_SHA256,
+    REPO,
+    check_champion_on_server,
+    free_port,
+    wait_for,
+)
 
 DOCKER = REPO / "docker"
 BIN = Path(sys.executable).parent
@@ -179,7 +184,7 @@ def docker_engine() -> str:
 
 
 @pytest.mark.slow
-def test_compose_stack_runs_the_pipeline_on_two_ray_workers(sample_zip, tmp_path, monkeypatch):
+def test_compose_stack_runs_the_pipeline_on_two_ray_workers(cells_small, tmp_path, monkeypatch):
     """Build the CPU image, start PostgreSQL, MLflow, a Ray head and two workers with
     docker compose, let `submit` run `dvc repro` as a Ray job, and check what came back."""
     docker = docker_engine()
@@ -188,9 +193,9 @@ def test_compose_stack_runs_the_pipeline_on_two_ray_workers(sample_zip, tmp_path
     subprocess.run([docker, "build", "-q", "--build-arg", f"BASE={BASE_IMAGE}", "-t",
                     "malaria-pipeline-test-postgres", str(tmp_path / "pg")], check=True)
     project = scaffold(tmp_path / "project", {
-        "download": {"sources": {"malaria": {"url": f"/shared/{sample_zip.name}",
-                                             "sha256": SAMPLE_SHA256}}},
-        "prepare": {"image_size": 32, "max_images": 300},
+        "download": {"sources": {"malaria": {"url": f"/shared/{cells_small.name}",
+                                             "sha256": CELLS_SMALL_SHA256}}},
+        "prepare": {"image_size": 32},
         "train": {"epochs": 1, "batch_size": 32, "num_workers": 2, "cpus_per_worker": 1.0},
         "evaluate": {"bootstrap": 50, "gradcam_images": 2},
     })
@@ -200,7 +205,7 @@ def test_compose_stack_runs_the_pipeline_on_two_ray_workers(sample_zip, tmp_path
     else:
         ids = {"PIPELINE_UID": str(os.getuid()), "PIPELINE_GID": str(os.getgid())}
     ray_port, mlflow_port = free_port(), free_port()
-    volumes = "volumes: !override " + json.dumps([f"{project}:/app", f"{sample_zip.parent}:/shared:ro"])
+    volumes = "volumes: !override " + json.dumps([f"{project}:/app", f"{cells_small.parent}:/shared:ro"])
     # !override: replace the lists in compose.yaml instead of appending to them.
     text = f"""\
     services:

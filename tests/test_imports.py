@@ -22,12 +22,14 @@ COMMON = STAGES_DIR / "common.py"
 def test_closure_follows_imports_inside_functions_and_from_package_imports(tmp_path):
     source = tmp_path / "script.py"
     source.write_text("import os\nfrom pipeline import clinical\n"
-                      "def f():\n    from pipeline.score import score\n")
-    assert imported_modules(source) == {"pipeline", "pipeline.clinical", "pipeline.score"}
+                      "def f():\n    from pipeline.serving.score import score\n")
+    assert imported_modules(source) == {"pipeline", "pipeline.clinical", "pipeline.serving.score"}
     closure = module_closure([source])
-    assert {"pipeline.serving", "pipeline.prepared", "pipeline.images"} <= closure  # via score
-    assert "pipeline.train" not in closure
-    assert module_file("pipeline.score") == REPO / "pipeline" / "score.py"
+    assert {"pipeline.serving.pyfunc", "pipeline.data.prepared", "pipeline.data.images"} <= closure  # via score
+    assert "pipeline.training.driver" not in closure
+    assert module_file("pipeline.serving.score") == REPO / "pipeline" / "serving" / "score.py"
+    assert module_file("pipeline.serving") == REPO / "pipeline" / "serving" / "__init__.py"
+    assert {"pipeline.serving", "pipeline.data"} <= closure  # parent packages run first
 
 
 def code_deps(stage_script: Path) -> set[str]:
@@ -100,8 +102,9 @@ def params_read(stage_script: Path) -> set[str]:
 
 
 WHOLE = "*"  # params_read's mark for a script that passes every section on
-# The default pipeline, and the cross-validation one kept out of the default `dvc repro`.
-DVC_FILES = (REPO / "dvc.yaml", REPO / "crossval" / "dvc.yaml")
+# The default pipeline, and the cross-validation and external-validation ones kept out of the
+# default `dvc repro`.
+DVC_FILES = (REPO / "dvc.yaml", REPO / "crossval" / "dvc.yaml", REPO / "validate" / "dvc.yaml")
 DVC = {name: stage for f in DVC_FILES for name, stage in yaml.safe_load(f.read_text())["stages"].items()}
 
 

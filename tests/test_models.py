@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.models import (WeightsNotFoundError, convert_lite0_state_dict, create_model,
-                             efficientnet_lite0_weights_path, model_info)
+from pipeline.models import (
+    WeightsNotFoundError,
+    convert_lite0_state_dict,
+    create_model,
+    efficientnet_lite0_weights_path,
+    model_info,
+)
 
 
 def test_every_lite0_weight_tensor_is_loaded_from_the_package():

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline.project import deep_update, dvc, repro, scaffold
-from tests.conftest import SAMPLE_SHA256
+from tests.conftest import CELLS_SMALL_SHA256
 
 
 def test_deep_update_merges_sections():
@@ -21,19 +21,19 @@ def test_deep_update_merges_sections():
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_every_stage_on_the_real_sample(sample_zip, tmp_path):
+def test_dvc_repro_runs_every_stage_on_real_cells(cells_small, tmp_path):
     project = scaffold(tmp_path / "project", {
-        "download": {"sources": {"malaria": {"url": str(sample_zip), "sha256": SAMPLE_SHA256}}},
-        "prepare": {"image_size": 32, "max_images": 400},
+        "download": {"sources": {"malaria": {"url": str(cells_small), "sha256": CELLS_SMALL_SHA256}}},
+        "prepare": {"image_size": 32},
         "train": {"epochs": 1, "batch_size": 32},
         "evaluate": {"bootstrap": 200, "gradcam_images": 8},
         "score": {"batch_size": 32},
     })
     repro(project)
 
-    assert (project / "data/raw/malaria.zip").stat().st_size == sample_zip.stat().st_size
+    assert (project / "data/raw/malaria.zip").stat().st_size == cells_small.stat().st_size
     manifest = pd.read_parquet(project / "data/prepared/manifest.parquet")
-    assert len(manifest) == 400
+    assert len(manifest) == 235  # every cell of the fixture
     assert (manifest.groupby("patient_id")["split"].nunique() == 1).all()
     history = pd.read_csv(project / "plots/train/history.csv")
     assert history["epoch"].tolist() == [1] and history["val_loss"].notna().all()
@@ -78,22 +78,37 @@ def test_dvc_repro_runs_every_stage_on_the_real_sample(sample_zip, tmp_path):
     champion = client.get_model_version_by_alias("malaria", "champion")
     assert str(champion.version) == "1"
 
-    t0 = time.perf_counter()
-    out = dvc(project, "repro", capture_output=True, text=True).stdout
-    assert time.perf_counter() - t0 < 15
+    # A second repro does no work: every stage is found unchanged and none runs (a stage that
+    # ran would rewrite its log and its outputs).
+    stages = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    written = {p: p.stat().st_mtime_ns for d in ("logs", "models", "metrics", "data/scores")
+               for p in (project / d).rglob("*") if p.is_file()}
+    out = dvc(project, "repro", capture_output=True, text=True, timeout=600).stdout  # timeout: a hang guard
     assert "Running stage" not in out
+    assert sorted(re.findall(r"^Stage '([^']+)' didn't change, skipping$", out, re.M)) == sorted(stages), out
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+    assert {"download", "train", "score"} <= set(stages)
+    assert {"train.log", "score.log", "model.pt", "evaluate.json"} <= {p.name for p in written}
     shown = dvc(project, "metrics", "show", "--json", capture_output=True, text=True).stdout
     assert "roc_auc" in shown
 
+    # An output-neutral param (prepare.workers: the same bytes, tested in tests/data) is read by
+    # its own stage only: dvc status names prepare, and no stage downstream of it.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["prepare"]["workers"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(dvc(project, "status", "--json", capture_output=True, text=True).stdout)
+    assert sorted(status) == ["prepare"], status
 
-def _relayout_sample(sample_zip, dest, every: int = 15):
+
+def _relayout_sample(cells_small, dest, every: int = 1):
     """A zip of real cells re-laid out as <class>/<file>, plus a path,group CSV of patients."""
     import zipfile
 
-    from pipeline.datasets import malaria_patient_id
+    from pipeline.data.datasets import malaria_patient_id
 
     rows = []
-    with zipfile.ZipFile(sample_zip) as src, zipfile.ZipFile(dest, "w") as out:
+    with zipfile.ZipFile(cells_small) as src, zipfile.ZipFile(dest, "w") as out:
         names = sorted(n for n in src.namelist() if n.endswith(".png"))[::every]
         for name in names:
             cls, file = name.split("/")[-2:]
@@ -106,15 +121,15 @@ def _relayout_sample(sample_zip, dest, every: int = 15):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["bloodmnist", "imagefolder"])
-def test_switching_dataset_is_one_param(dataset, sample_zip, tmp_path):
-    from pipeline.synthetic import make_medmnist_npz
+def test_switching_dataset_is_one_param(dataset, cells_small, tmp_path):
+    from pipeline.data.synthetic import make_medmnist_npz
 
     if dataset == "bloodmnist":
         source = make_medmnist_npz(tmp_path / "bloodmnist.npz", n_classes=8, counts=(320, 64, 96))
         prepare = {"image_size": 32}
         n_classes = 8
     else:
-        source, groups = _relayout_sample(sample_zip, tmp_path / "cells_by_class.zip")
+        source, groups = _relayout_sample(cells_small, tmp_path / "cells_by_class.zip")
         prepare = {"image_size": 32, "groups_csv": str(groups)}
         n_classes = 2
     project = scaffold(tmp_path / "project", {

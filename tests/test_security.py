@@ -14,7 +14,7 @@ import yaml
 
 from tests.conftest import REPO, repo_params
 
-SOURCES = sorted((REPO / "pipeline").glob("*.py")) + sorted((REPO / "stages").glob("*.py"))
+SOURCES = sorted((REPO / "pipeline").rglob("*.py")) + sorted((REPO / "stages").glob("*.py"))
 
 
 def _calls(name: str):
@@ -89,7 +89,7 @@ def test_secrets_in_the_environment_reach_no_param_tag_artifact_or_log(prepared_
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("secrets")
         with mlflow.start_run() as run:
-            from pipeline.serving import log_model
+            from pipeline.serving.pyfunc import log_model
 
             model_uri = log_model(checkpoint, np.zeros((32, 32, 3), np.uint8), ("Parasitized", "Uninfected"))
     finally:

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from pipeline.utils import atomic_path, write_json
+from pipeline.files import atomic_path, write_json
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
