@@ -116,6 +116,19 @@ def _add_sample(sub) -> None:
     p.set_defaults(func=commands.sample_cmd)
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="paired differences of candidate recipes against the default, "
+                                       "on the cells `pipeline validate` scored for each")
+    p.add_argument("default", help="the default recipe's validation folder (holds cells.parquet)")
+    p.add_argument("candidates", nargs="+", help="NAME=FOLDER of each candidate's validation")
+    p.add_argument("--bootstrap", type=int, default=1000, help="patient-bootstrap draws")
+    p.add_argument("--seeds", action="store_true",
+                   help="the folders are one recipe's training seeds: report each, the mean and the spread")
+    p.add_argument("--default-name", default="default", help="--seeds: the first folder's name (its seed)")
+    p.add_argument("--out", default="reports/compare.md", help="the table; the JSON goes beside it")
+    p.set_defaults(func=commands.compare_cmd)
+
+
 def _add_views(sub) -> None:
     p = sub.add_parser("metrics", help="headline test figures and DVC experiments in 120 columns")
     p.add_argument("--project", default=".", help="the DVC project folder")
@@ -182,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        formatter_class=_HelpFormatter)
     _add_demo_and_synth(sub)
     _add_views(sub)
+    _add_compare(sub)
     _add_sample(sub)
     _add_score_and_rollback(sub)
     _add_report(sub)

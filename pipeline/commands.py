@@ -218,3 +218,36 @@ def sample_cmd(args: argparse.Namespace) -> None:
     result = write_subset(args.archive, args.output, "pool" if args.pool else args.subset)
     print(f"{args.output}: {result['members']} members, manifest {result['manifest_sha256']} "
           f"({'matches' if result['matches'] else 'no'} committed digest)")
+
+
+def compare_cmd(args: argparse.Namespace) -> None:
+    """Paired differences of candidate recipes against the default on the same external cells."""
+    import sys
+
+    from pipeline.files import atomic_path, write_json
+    from pipeline.selection.compare import compare, render
+
+    candidates = dict(item.split("=", 1) for item in args.candidates)
+    if args.seeds:  # one recipe, several training seeds: the figures of each, not a comparison
+        return _seeds(args, {args.default_name: Path(args.default), **{k: Path(v) for k, v in candidates.items()}})
+    table = compare(Path(args.default), {k: Path(v) for k, v in candidates.items()}, args.bootstrap)
+    out = Path(args.out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(render(table, command_line("pipeline compare", sys.argv[2:])))
+    write_json(out.with_suffix(".json"), table.to_dict(orient="records"))
+    print(table[["candidate", "accuracy_difference", "roc_auc_difference", "verdict"]].to_string(index=False)
+          + f"\n-> {out}")
+
+
+def _seeds(args: argparse.Namespace, folders: dict[str, Path]) -> None:
+    import sys
+
+    from pipeline.files import atomic_path, write_json
+    from pipeline.selection.compare import render_seeds, seeds_summary
+
+    summary = seeds_summary(folders)
+    out = Path(args.out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(render_seeds(summary, command_line("pipeline compare", sys.argv[2:])))
+    write_json(out.with_suffix(".json"), summary)
+    print(render_seeds(summary, "") + f"-> {out}")

@@ -140,7 +140,7 @@ class TrainConfig(Checked):
     regime: str = "finetune_all"  # scratch | feature_extract | finetune_top | finetune_all
     top_blocks: int = 2  # blocks below the head that train in finetune_top
     backbone_lr_factor: float = 1.0  # backbone lr = lr * factor (discriminative lr)
-    epochs: int = 6  # with early stopping: docs/model-selection.md
+    epochs: int = 3  # a fixed budget, cosine schedule: docs/model-selection.md
     batch_size: int = 64
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
@@ -152,7 +152,7 @@ class TrainConfig(Checked):
     gamma: float = 0.1  # step scheduler: decay factor
     label_smoothing: float = 0.0
     class_weights: bool = False  # balanced class weights in the loss
-    early_stopping_patience: int = 1  # epochs without val_loss improvement; 0 = off
+    early_stopping_patience: int = 0  # epochs without val_loss improvement; 0 = off
     amp: bool = True  # mixed precision, on CUDA only
     system_metrics: bool = True  # MLflow CPU/memory/GPU metrics of the driver node
     # Ray Train workers, or "auto": one per GPU with use_gpu, else one per cpus_per_worker of the

@@ -229,7 +229,7 @@ def _about(archive: Path, model: ModelUnderTest, positive: str, cfg: ValidateCon
 
     with open(archive, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"archive": str(archive), "archive_sha256": sha256, "skipped_files": skipped,
+    return {"archive": Path(archive).name, "archive_sha256": sha256, "skipped_files": skipped,
             "model_name": model.name, "model_version": model.version, "training_run": model.run_id,
             "experiment_id": model.experiment_id, "positive_class": positive,
             "threshold_note": model.threshold_note, "excluded_patients": excluded,

@@ -1,0 +1,44 @@
+"""compare: the selection rule applied to paired differences on the same external cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline.selection.compare import compare, render, verdict
+
+
+def _cells(folder, p_pos: np.ndarray, is_pos: np.ndarray, patients: np.ndarray):
+    folder.mkdir(parents=True)
+    pd.DataFrame({"patient_id": patients, "is_pos": is_pos, "p_pos": p_pos,
+                  "correct": (p_pos >= 0.5) == is_pos}).to_parquet(folder / "cells.parquet")
+    return folder
+
+
+def _diff(low: float, high: float) -> pd.DataFrame:
+    return pd.DataFrame({"ci_low": [low, -0.01], "ci_high": [high, 0.01]}, index=["accuracy", "roc_auc"])
+
+
+def test_the_rule():
+    assert verdict(_diff(0.001, 0.02)) == "better: becomes the default"
+    assert verdict(_diff(-0.02, -0.001)) == "worse"
+    assert verdict(_diff(-0.01, 0.01)) == "indistinguishable: the default stays"
+    assert verdict(_diff(-0.01, 0.01), cost_ratio=1.6) == "as good and 1.5x cheaper: becomes the default"
+    assert verdict(_diff(-0.01, 0.01), cost_ratio=1.4) == "indistinguishable: the default stays"
+
+
+def test_a_candidate_right_on_every_patient_beats_one_wrong_on_some(tmp_path):
+    rng = np.random.default_rng(0)
+    patients = np.repeat([f"P{i}" for i in range(20)], 30)
+    is_pos = np.tile([True, False], 300)
+    good = np.where(is_pos, 0.9, 0.1) + rng.normal(0, 0.02, 600)
+    flaky = good.copy()
+    flaky[np.isin(patients, ["P1", "P2", "P3", "P4", "P5", "P6"]) & is_pos] = 0.3  # misses 90 cells
+    base = _cells(tmp_path / "default", flaky, is_pos, patients)
+    table = compare(base, {"same": base, "better": _cells(tmp_path / "better", good, is_pos, patients)}, n_boot=300)
+    same, better = table.set_index("candidate").loc["same"], table.set_index("candidate").loc["better"]
+    assert same["accuracy_difference"] == 0 and same["verdict"] == "indistinguishable: the default stays"
+    assert abs(better["accuracy_difference"] - 90 / 600) < 1e-12 and better["accuracy_ci_low"] > 0
+    assert better["verdict"] == "better: becomes the default"
+    text = render(table, "pipeline compare ...")
+    assert "| better | 1.000 (0.850) | +15.00 (" in text
