@@ -98,7 +98,7 @@ def test_user_pages_carry_no_development_history_or_machine_paths():
 
 # --- Every README figure equals the JSON it comes from ----------------------------------------
 
-PERF, INSTALL = "docs/performance.json", "docs/install.json"
+PERF, INSTALL, EXTERNAL = "docs/performance.json", "docs/install.json", "docs/external.json"
 # README phrase (one group per figure) -> the JSON file and, per group, its key path and format.
 FIGURES = [
     (r"test accuracy, the sample's 4 test patients \(([\d,]+) cells\) \| "
@@ -115,6 +115,12 @@ FIGURES = [
      [("downloaded_gb", "{}"), ("wall_s", lambda s: str(s // 60)), ("wall_s", lambda s: str(s % 60)),
       ("cores", "{}")]),
     (r"the venv is ([\d.]+) GB", INSTALL, [("venv_gb", "{}")]),
+    *[(rf"seed {seed}: (\d\.\d+) \((\d\.\d+)–(\d\.\d+)\)", EXTERNAL,
+       [(f"seeds.{seed}.cells_at_threshold.accuracy.{k}", "{:.3f}") for k in ("value", "ci_low", "ci_high")])
+      for seed in (42, 43, 44)],
+    (r"ROC AUC (\d\.\d+), (\d\.\d+), (\d\.\d+)\. Cells", EXTERNAL,
+     [(f"seeds.{seed}.cells_at_threshold.roc_auc.value", "{:.3f}") for seed in (42, 43, 44)]),
+    (r"the pool's report half, ([\d,]+) cells", EXTERNAL, [("seeds.42.cells", "{:,}")]),
 ]
 # Properties of the published data, not measurements: they need no JSON.
 DATA_FACTS = ("353 MB", "69.6 MB")

@@ -82,14 +82,14 @@ def seeds_summary(folders: dict[str, Path]) -> dict:
     out: dict = {"seeds": {}, "mean": {}, "spread": {}}
     for seed, r in runs.items():
         out["seeds"][seed] = {
-            "cells_at_0.5": {m: r["cells"]["threshold_0.5"][m] for m in HEADLINE},
+            "cells_at_threshold": {m: r["cells"]["threshold_0.5"][m] for m in HEADLINE},
             "cells_at_operating_point": {m: r["cells"]["operating_point"][m] for m in HEADLINE},
-            "patients_at_0.5": {m: r["patients"]["threshold_0.5"].get(m) for m in ("accuracy",)},
+            "patients_at_threshold": {m: r["patients"]["threshold_0.5"].get(m) for m in ("accuracy",)},
             "operating_threshold": r["operating_threshold"], "unanswered": r["answers"]["unanswered_share"],
             "date": r["about"]["date"], "archive": r["about"]["archive"],
             "patients": r["answers"]["patients"], "cells": r["answers"]["cells"],
             "test_split": _test_split(Path(folders[seed]))}
-    for view in ("cells_at_0.5", "cells_at_operating_point"):
+    for view in ("cells_at_threshold", "cells_at_operating_point"):
         for m in HEADLINE:
             values = [s[view][m]["value"] for s in out["seeds"].values()]
             out["mean"][f"{view}.{m}"] = sum(values) / len(values)
@@ -119,15 +119,15 @@ def render_seeds(summary: dict, command: str) -> str:
              "| seed | accuracy | ROC AUC | sensitivity | specificity | at the operating point: sensitivity / specificity | patient accuracy | unanswered |",
              "|---|---|---|---|---|---|---|---|"]
     for seed, s in summary["seeds"].items():
-        a, op = s["cells_at_0.5"], s["cells_at_operating_point"]
-        patient = s["patients_at_0.5"]["accuracy"]
+        a, op = s["cells_at_threshold"], s["cells_at_operating_point"]
+        patient = s["patients_at_threshold"]["accuracy"]
         lines.append(f"| {seed} | {cell(a['accuracy'])} | {cell(a['roc_auc'])} | {cell(a['sensitivity'])} | "
                      f"{cell(a['specificity'])} | {op['sensitivity']['value']:.3f} / {op['specificity']['value']:.3f} "
                      f"(threshold {s['operating_threshold']:.3f}) | {patient['value']:.3f} | {s['unanswered']:.2%} |")
     m, sp = summary["mean"], summary["spread"]
-    lines.append(f"| mean | {m['cells_at_0.5.accuracy']:.3f} | {m['cells_at_0.5.roc_auc']:.4f} | "
-                 f"{m['cells_at_0.5.sensitivity']:.3f} | {m['cells_at_0.5.specificity']:.3f} | "
+    lines.append(f"| mean | {m['cells_at_threshold.accuracy']:.3f} | {m['cells_at_threshold.roc_auc']:.4f} | "
+                 f"{m['cells_at_threshold.sensitivity']:.3f} | {m['cells_at_threshold.specificity']:.3f} | "
                  f"{m['cells_at_operating_point.sensitivity']:.3f} / {m['cells_at_operating_point.specificity']:.3f} | | |")
-    lines.append(f"| spread (max - min) | {sp['cells_at_0.5.accuracy']:.3f} | {sp['cells_at_0.5.roc_auc']:.4f} | "
-                 f"{sp['cells_at_0.5.sensitivity']:.3f} | {sp['cells_at_0.5.specificity']:.3f} | | | |")
+    lines.append(f"| spread (max - min) | {sp['cells_at_threshold.accuracy']:.3f} | {sp['cells_at_threshold.roc_auc']:.4f} | "
+                 f"{sp['cells_at_threshold.sensitivity']:.3f} | {sp['cells_at_threshold.specificity']:.3f} | | | |")
     return "\n".join(lines) + "\n"

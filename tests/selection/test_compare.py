@@ -42,3 +42,34 @@ def test_a_candidate_right_on_every_patient_beats_one_wrong_on_some(tmp_path):
     assert better["verdict"] == "better: becomes the default"
     text = render(table, "pipeline compare ...")
     assert "| better | 1.000 (0.850) | +15.00 (" in text
+
+
+def test_every_seed_is_reported_with_the_mean_and_the_spread(tmp_path):
+    import json
+
+    from pipeline.selection.compare import render_seeds, seeds_summary
+
+    def figure(v):
+        return {"value": v, "ci_low": v - 0.01, "ci_high": v + 0.01}
+
+    folders = {}
+    for seed, acc in (("1", 0.95), ("2", 0.93)):
+        folder = tmp_path / seed / "reports" / "external"
+        folder.mkdir(parents=True)
+        metrics = {m: figure(acc) for m in ("accuracy", "roc_auc", "sensitivity", "specificity")}
+        (folder / "external.json").write_text(json.dumps({
+            "cells": {"threshold_0.5": metrics, "operating_point": metrics},
+            "patients": {"threshold_0.5": {"accuracy": figure(0.9)}}, "operating_threshold": 0.1,
+            "answers": {"unanswered_share": 0.001, "patients": 42, "cells": 5065},
+            "about": {"date": "2026-12-04", "archive": "pool-report.zip"}}))
+        folders[seed] = folder
+    (tmp_path / "1" / "metrics").mkdir()
+    (tmp_path / "1" / "metrics" / "evaluate.json").write_text(json.dumps({"accuracy": 0.97, "n": 865}))
+    summary = seeds_summary(folders)
+    assert summary["mean"]["cells_at_threshold.accuracy"] == 0.94
+    assert round(summary["spread"]["cells_at_threshold.accuracy"], 6) == 0.02
+    assert summary["seeds"]["1"]["test_split"] == {"accuracy": 0.97, "n": 865}
+    assert summary["seeds"]["2"]["test_split"] is None
+    text = render_seeds(summary, "cmd")
+    assert "| 1 | 0.950 (0.940-0.960) |" in text and "| 2 | 0.930 (0.920-0.940) |" in text
+    assert "| mean | 0.940 |" in text
