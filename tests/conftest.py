@@ -203,12 +203,16 @@ def synthetic_zip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_synthetic(synthetic_zip, tmp_path_factory) -> Path:
     """The synthetic archive run through ``prepare`` at a tiny image size."""
+    return prepared(synthetic_zip, tmp_path_factory.mktemp("prepared"), 32)
+
+
+def prepared(archive: Path, folder: Path, size: int) -> Path:
+    """``archive`` through ``prepare`` at ``size`` px into ``folder/prepared``."""
     from pipeline.config import PrepareConfig
     from pipeline.data.prepare import prepare
 
-    out = tmp_path_factory.mktemp("prepared") / "prepared"
-    prepare(synthetic_zip, out, PrepareConfig(image_size=32), "malaria")
-    return out
+    prepare(archive, folder / "prepared", PrepareConfig(image_size=size), "malaria")
+    return folder / "prepared"
 
 
 @pytest.fixture(scope="session")
@@ -293,12 +297,7 @@ def model_uris(tracking_uri, checkpoint):
 @pytest.fixture(scope="session")
 def prepared_cells(cells_small, tmp_path_factory) -> Path:
     """The committed real cells run through ``prepare`` at 64 px."""
-    from pipeline.config import PrepareConfig
-    from pipeline.data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("prepared-cells") / "prepared"
-    prepare(cells_small, out, PrepareConfig(image_size=64), "malaria")
-    return out
+    return prepared(cells_small, tmp_path_factory.mktemp("prepared-cells"), 64)
 
 
 @pytest.fixture(scope="session")

@@ -106,7 +106,9 @@ def test_gpu_benchmark_smoke_runs_every_part_and_writes_the_page(tmp_path):
     main(argv)
     page = tmp_path / "pages" / "performance-gpu.md"  # a folder for --out: the page is named in it
     data = json.loads(page.with_suffix(".json").read_text())
-    assert page.read_text() == render(data, "python -m pipeline.bench.gpu " + " ".join(argv))
+    # the command as the page shows it: absolute paths by their file name (no machine's folders)
+    shown = "python -m pipeline.bench.gpu --cells <cells.zip> --checkpoint <model.pt> --out <pages> --smoke"
+    assert page.read_text() == render(data, shown)
     assert data["machine"]["image_size"] == 32 and data["machine"]["cells"] == 24
     row = data["training"]["by_batch"]["64"]
     pure = "pure_step_amp" if torch.cuda.is_available() else "pure_step_fp32"

@@ -169,7 +169,8 @@ def test_mlflow_models_serve_answers_a_rest_request(model_uris, tracking_uri, tm
     try:
         img = png_bytes(synthetic_cell(np.random.default_rng(3), True, 70))
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
-            [base64.b64encode(img).decode()], [base64.b64encode(b"junk").decode()]]}}).encode()
+            [base64.b64encode(img).decode()], [base64.b64encode(b"junk").decode()],
+            [base64.b64encode(png_bytes(np.full((70, 70, 3), 180, np.uint8))).decode()]]}}).encode()
         deadline, reply = time.time() + 120, None
         while time.time() < deadline and reply is None:
             try:
@@ -194,7 +195,12 @@ def test_mlflow_models_serve_answers_a_rest_request(model_uris, tracking_uri, tm
         assert error is None or error != error  # null, or NaN after JSON
         label = rows[1]["predicted_label"]
         assert (label is None or label != label) and "not a readable image" in rows[1]["error"]
-        assert len(rows) == 2
+        assert [r["status"] for r in rows] == ["ok", "error", "rejected"]
+        blank = rows[2]  # refused over REST as everywhere: a reason, no label, no probabilities
+        assert "near-uniform" in blank["reason"]
+        assert all(blank[k] is None or blank[k] != blank[k]
+                   for k in ("predicted_label", "probability", "prob_Parasitized", "prob_Uninfected"))
+        assert len(rows) == 3
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -307,3 +307,21 @@ def test_actor_count_auto_is_one_per_cpu_up_to_eight_each_on_one_thread(ray_loca
     assert actor_count(ScoreConfig(use_gpu=True)) == 1  # no GPU in the cluster: one actor waits for one
     assert actor_threads(ScoreConfig(use_gpu=True), 1) == 0
     assert actor_threads(ScoreConfig(threads_per_actor=3), 2) == 3
+
+
+def test_a_refused_image_has_no_label_in_the_parquet(champion, tmp_path):
+    """In the scored table as in every other output: a rejected row keeps its path, status and
+    reason, and no label or probability a count of "Uninfected" could pick up."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "cell.png").write_bytes(png_bytes(synthetic_cell(rng, True)))
+    (folder / "blank.png").write_bytes(png_bytes(np.full((60, 60, 3), 200, np.uint8)))
+    out = tmp_path / "p.parquet"
+    result = score(ScoreConfig(input=str(folder)), champion, out)
+    table = pd.read_parquet(out).set_index("path")
+    assert result.engine == "local" and result.n_rejected == 1
+    assert table.loc["blank.png", "status"] == "rejected" and "near-uniform" in table.loc["blank.png", "reason"]
+    assert table.loc[["blank.png"], ["predicted_label", "probability", "prob_Parasitized",
+                                     "prob_Uninfected"]].isna().all().all()
+    assert table.loc["cell.png", "status"] == "ok" and table.loc["cell.png", "predicted_label"] in CLASSES
