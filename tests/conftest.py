@@ -159,9 +159,15 @@ def check_champion_on_server(server: str, monkeypatch) -> None:
         run = client.get_run(champion.run_id)
         assert {"train_loss", "val_loss", "test_accuracy"} <= set(run.data.metrics)
         model = mlflow.pyfunc.load_model("models:/malaria@champion")
+        import zipfile
+
         from pipeline.data.synthetic import png_bytes
 
-        preds = model.predict(pd.DataFrame({"image": [png_bytes(np.full((50, 60, 3), 200, np.uint8))]}))
+        with zipfile.ZipFile(CELLS_SMALL) as zf:  # a real cell, then an image of nothing
+            cell = zf.read(sorted(n for n in zf.namelist() if n.endswith(".png"))[0])
+        blank = png_bytes(np.full((50, 60, 3), 200, np.uint8))
+        preds = model.predict(pd.DataFrame({"image": [cell, blank]}))
+        assert preds["status"].tolist() == ["ok", "rejected"]
         assert preds["predicted_label"].iloc[0] in {"Parasitized", "Uninfected"}
     finally:
         mlflow.set_tracking_uri(previous)

@@ -98,7 +98,8 @@ def test_dvc_repro_runs_every_stage_on_real_cells(cells_small, tmp_path):
     params["prepare"]["workers"] = 1
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(dvc(project, "status", "--json", capture_output=True, text=True).stdout)
-    assert sorted(status) == ["prepare"], status
+    default = {stage for stage in status if ":" not in stage}  # not crossval/ or validate/, never run
+    assert default == {"prepare"}, status
 
 
 def _relayout_sample(cells_small, dest, every: int = 1):

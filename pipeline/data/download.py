@@ -105,7 +105,7 @@ def _fetch_http(url: str, part: Path, timeout: float, chunk: int) -> None:
             f"cannot reach {url} ({getattr(exc, 'reason', exc)}). If this machine is "
             f"offline, point the stage at a local copy or mirror: set download.sources.<dataset>.url in "
             f"params.yaml to a path or file:// URL, e.g. "
-            f"dvc exp run -S download.sources.malaria.url=../shared/data/cell_images_sample.zip "
+            f"dvc exp run -S download.sources.malaria.url=<path to cell_images_sample.zip> "
             f"-S download.sources.malaria.sha256=<its sha256>."
         ) from None
     with resp:

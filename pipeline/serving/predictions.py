@@ -116,6 +116,9 @@ def patient_summary(predictions: pd.DataFrame, group_of: Callable[[str], str] | 
     if unknown and group_of is not None:
         log.warning("%d images have no patient id in their file name; left out of the summary", unknown)
     frame = frame.dropna(subset=["patient_id"])
+    if frame.empty:  # no patients (a dataset without them): the table's columns, no rows
+        columns = ["patient_id", "cells", "errors", "rejected", *(f"fraction_{c}" for c in class_names), "called"]
+        return pd.DataFrame({c: [] for c in columns})
     grouped = frame.groupby("patient_id")
     out = pd.DataFrame({"cells": grouped.size(), "errors": grouped["error"].count(),
                         "rejected": grouped["status"].apply(lambda s: int((s == REJECTED).sum()))})

@@ -325,3 +325,12 @@ def test_a_refused_image_has_no_label_in_the_parquet(champion, tmp_path):
     assert table.loc[["blank.png"], ["predicted_label", "probability", "prob_Parasitized",
                                      "prob_Uninfected"]].isna().all().all()
     assert table.loc["cell.png", "status"] == "ok" and table.loc["cell.png", "predicted_label"] in CLASSES
+
+
+def test_a_dataset_without_patients_gets_an_empty_patient_table():
+    from pipeline.serving.predictions import patient_summary
+
+    preds = pd.DataFrame({"path": ["a.png"], "predicted_label": ["Uninfected"], "error": [None],
+                          "status": ["ok"]})
+    table = patient_summary(preds, None, CLASSES)
+    assert table.empty and {"rejected", "called", "fraction_Uninfected"} <= set(table.columns)
