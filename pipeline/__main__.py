@@ -1,10 +1,10 @@
 """Command line: ``pipeline demo`` (every stage on synthetic cells), ``pipeline metrics``
-(headline figures and experiments in 120 columns), ``pipeline score`` (batch scoring
-outside DVC), ``pipeline rollback`` (move the champion alias back), ``pipeline report
-regimes`` (the transfer-learning table), ``pipeline crossval`` / ``pipeline sweep``
-(patient-grouped cross-validation of the params or of a grid of them), ``pipeline validate``
-(external validation on new patients), ``pipeline benchmark`` (throughput), ``pipeline
-plots-template`` (offline ``dvc plots show``)."""
+(headline figures and experiments in 120 columns), ``pipeline score`` (batch scoring outside
+DVC), ``pipeline validate`` (external validation on new patients), ``pipeline compare`` (paired
+differences of recipes), ``pipeline sample`` (the sample or pool from the official archive),
+``pipeline rollback`` (move the champion alias back), ``pipeline report regimes|reject``,
+``pipeline crossval`` / ``pipeline sweep`` (patient-grouped cross-validation), ``pipeline
+benchmark`` (throughput), ``pipeline plots-template`` (offline ``dvc plots show``)."""
 
 from __future__ import annotations
 
