@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.serving.inference import Predictor
 from pipeline.serving.predictions import score_rows
-from pipeline.serving.screening import REJECTED, decode_screened
+from pipeline.serving.pyfunc import decode_encoded
+from pipeline.serving.screening import REJECTED
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -116,16 +117,8 @@ def zip_cells(archive: str | Path, limit: int, seed: int = 0) -> list[bytes]:
 
 
 def outcomes(predictor: Predictor, images: list[bytes]) -> pd.DataFrame:
-    """The served rows of ``images`` (the pyfunc's path: decode, checks, OOD score)."""
-    size = predictor.meta.image_size
-    pixels = np.zeros((len(images), size, size, 3), np.uint8)
-    errors, rejects = [], []
-    for i, data in enumerate(images):
-        resized, error, rejected = decode_screened(data, size, predictor.limits)
-        if resized is not None:
-            pixels[i] = resized
-        errors.append(error)
-        rejects.append(rejected)
+    """The served rows of ``images``: the pyfunc's own decoding, checks and OOD score."""
+    pixels, errors, rejects = decode_encoded(images, predictor.meta.image_size, predictor.limits)
     return score_rows(predictor, pixels, errors, rejects)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -54,9 +54,23 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: ModelMeta, **extra
     torch.save(state, path)
 
 
+def read_checkpoint(path, device: str = "cpu") -> dict[str, Any]:
+    """The checkpoint's contents (a path or an open binary file), read once."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def input_limits(state: dict[str, Any]) -> InputLimits | None:
+    """The training cells' size range a checkpoint records (None: one written before it did)."""
+    return InputLimits(**state["input_limits"]) if "input_limits" in state else None
+
+
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, ModelMeta]:
     """Rebuild the model saved by :func:`save_checkpoint`, in eval mode."""
-    state = torch.load(path, map_location=device, weights_only=True)
+    return model_from(read_checkpoint(path, device), device)
+
+
+def model_from(state: dict[str, Any], device: str = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """The model and its metadata from a checkpoint's contents, in eval mode."""
     m = state["meta"]
     meta = ModelMeta(m["model"], tuple(m["class_names"]), int(m["image_size"]),
                      tuple(m["mean"]), tuple(m["std"]))
@@ -86,13 +100,10 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path, **kwargs) -> "Predictor":
-        model, meta = load_checkpoint(path)
-        if hasattr(path, "seek"):
-            path.seek(0)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path)
+        model, meta = model_from(state)
         ood = RejectOption.from_state(state["ood"]) if "ood" in state else None
-        limits = InputLimits(**state["input_limits"]) if "input_limits" in state else None
-        return cls(model, meta, ood=ood, limits=limits, **kwargs)
+        return cls(model, meta, ood=ood, limits=input_limits(state), **kwargs)
 
     @torch.inference_mode()
     def assess_resized(self, images: np.ndarray, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -141,14 +152,14 @@ def attach_reject_option(path: str | Path, train_images: np.ndarray, train_label
                          val_images: np.ndarray, limits: InputLimits, seed: int = 0) -> RejectOption:
     """Fit the out-of-distribution score on training cells, set its thresholds on validation
     cells (:meth:`Mahalanobis.fit`), and store it with the input limits in the checkpoint."""
-    predictor = Predictor.from_checkpoint(path, batch_size=256)
+    state = read_checkpoint(path)
+    predictor = Predictor(*model_from(state), batch_size=256)
     pick = np.sort(np.random.default_rng(seed).permutation(len(train_images))[:FIT_CELLS])
     train_px, labels, val_px = np.asarray(train_images)[pick], np.asarray(train_labels)[pick], np.asarray(val_images)
     _, feats = predictor.assess_resized(train_px, tta=False)
     _, val_feats = predictor.assess_resized(val_px, tta=False)
     ood = RejectOption(Mahalanobis.fit(feats, labels, val_feats),
                        Mahalanobis.fit(appearance(train_px), labels, appearance(val_px)))
-    state = torch.load(path, map_location="cpu", weights_only=True)
     state.update(ood=ood.state(), input_limits=asdict(limits))
     torch.save(state, path)
     return ood

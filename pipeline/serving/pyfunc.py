@@ -218,16 +218,9 @@ def checkpoint_of(model_uri: str) -> Path:
     return checkpoints[0]
 
 
-def checkpoint_limits(checkpoint: str | Path) -> InputLimits | None:
-    """The training cells' size range recorded in a checkpoint (None: an older checkpoint)."""
-    import torch
+def checkpoint_header(checkpoint: str | Path) -> tuple[dict[str, Any], InputLimits | None]:
+    """Metadata (image size, class names, model) and input limits of a checkpoint, in one read."""
+    from pipeline.serving.inference import input_limits, read_checkpoint
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return InputLimits(**state["input_limits"]) if "input_limits" in state else None
-
-
-def checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:
-    """Metadata (image size, class names, model) of a checkpoint."""
-    import torch
-
-    return torch.load(checkpoint, map_location="cpu", weights_only=True)["meta"]
+    state = read_checkpoint(checkpoint)
+    return state["meta"], input_limits(state)

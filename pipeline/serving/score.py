@@ -36,8 +36,9 @@ from pipeline.serving.predictions import (
     score_rows,
     write_predictions,
 )
-from pipeline.serving.pyfunc import checkpoint_limits, checkpoint_meta, checkpoint_of
+from pipeline.serving.pyfunc import checkpoint_header, checkpoint_of
 from pipeline.serving.score_inputs import decode_batch, list_inputs, split_inputs
+from pipeline.serving.screening import InputLimits
 from pipeline.tracking import setup_mlflow
 
 log = logging.getLogger(__name__)
@@ -160,14 +161,14 @@ def score(cfg: ScoreConfig, model_uri: str, output: str | Path,
     if skipped:
         log.info("skipping %d system files: %s", len(skipped), ", ".join(skipped[:5]))
     checkpoint = checkpoint_of(model.uri)
-    meta = checkpoint_meta(checkpoint)
+    meta, limits = checkpoint_header(checkpoint)
     size, schema = int(meta["image_size"]), predictions_schema(meta["class_names"])
     predictor_args = {"checkpoint": checkpoint, "version": model.version, "tta": cfg.tta,
                       "ood_threshold": cfg.ood_threshold}
     engine = "local" if runs_locally(cfg, len(inputs)) else "ray"
     t0 = time.perf_counter()
     batches = (_local_batches(inputs, cfg, size, predictor_args) if engine == "local"
-               else _ray_batches(inputs, cfg, size, predictor_args))
+               else _ray_batches(inputs, cfg, size, predictor_args, limits))
     n, n_err, first = write_predictions(batches, Path(output), schema, len(inputs))
     rate = n / max(time.perf_counter() - t0, 1e-9)
     if n != len(inputs):
@@ -240,10 +241,11 @@ def _local_batches(inputs: pd.DataFrame, cfg: ScoreConfig, size: int,
             yield predictor(ahead.result())
 
 
-def _ray_batches(inputs: pd.DataFrame, cfg: ScoreConfig, size: int,
-                 predictor_args: dict) -> Iterable[pd.DataFrame]:
+def _ray_batches(inputs: pd.DataFrame, cfg: ScoreConfig, size: int, predictor_args: dict,
+                 limits: InputLimits | None) -> Iterable[pd.DataFrame]:
     """Ray Data: paths into a pool of predictor actors (decoding in the actors on CPU,
-    pipelined with the forward pass; in separate tasks feeding GPU actors)."""
+    pipelined with the forward pass; in separate tasks feeding GPU actors, with the model's
+    input ``limits``)."""
     init_ray()  # before Ray is imported here: it reads its settings on import
     import ray
     from ray.data import ActorPoolStrategy
@@ -252,7 +254,6 @@ def _ray_batches(inputs: pd.DataFrame, cfg: ScoreConfig, size: int,
     ray.data.DataContext.get_current().print_on_execution_start = False  # the plan: Ray's log
     actors = actor_count(cfg)
     check_scoring(cfg, actors)  # what cannot fit fails now, not after Ray Data waits for it
-    limits = checkpoint_limits(predictor_args["checkpoint"])  # for the decoding tasks
     # the checkpoint's bytes, once, for every actor wherever it runs
     checkpoint = ray.put(Path(predictor_args["checkpoint"]).read_bytes())
     predictor_args = {**predictor_args, "checkpoint": checkpoint, "threads": actor_threads(cfg, actors)}
