@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.config import UserError
 from pipeline.evaluation.external import paired_difference
 
 CELLS = "cells.parquet"  # what `pipeline validate` writes beside its report
@@ -32,14 +33,23 @@ def verdict(diff: pd.DataFrame, cost_ratio: float | None = None) -> str:
     return "indistinguishable: the default stays"
 
 
+def _cells(folder: Path) -> pd.DataFrame:
+    """A validation folder's per-cell table, at threshold 0.5 (its ``correct`` column is at the
+    operating point)."""
+    path = Path(folder) / CELLS
+    if not path.is_file():
+        raise UserError(f"{folder} holds no {CELLS}: give the folder `pipeline validate --out` wrote")
+    return pd.read_parquet(path).drop(columns="correct", errors="ignore")
+
+
 def compare(baseline: Path, candidates: dict[str, Path], n_boot: int = 1000,
             costs: dict[str, float] | None = None) -> pd.DataFrame:
     """One row per candidate: accuracy (at 0.5, rejected cells wrong) and AUC of the candidate
     and the baseline, their paired differences with CIs, and the rule's verdict."""
-    base = pd.read_parquet(Path(baseline) / CELLS).drop(columns="correct", errors="ignore")
+    base = _cells(baseline)
     rows = []
     for name, folder in candidates.items():
-        other = pd.read_parquet(Path(folder) / CELLS).drop(columns="correct", errors="ignore")
+        other = _cells(folder)
         diff = paired_difference(other, base, n_boot=n_boot)
         cost = (costs or {}).get(name)
         row = {"candidate": name, "cells": len(base), "patients": base["patient_id"].nunique()}
