@@ -78,7 +78,13 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--model", default=champion_uri(), help="the model to score with")
     p.add_argument("--archive", default="data/raw/malaria.zip", help="archive for prepare and dvc repro")
     p.add_argument("--params", default="params.yaml", help="training params of the training comparison")
-    p.add_argument("--images", type=int, default=20000, help="images in the scoring comparison")
+    p.add_argument("--images", type=int, default=20000,
+                   help="images in the scoring comparison, the test cells cycled (without --score-input)")
+    p.add_argument("--score-input", default=None,
+                   help="a zip or folder of real cells to score instead (10,000 or more: the pool zip)")
+    p.add_argument("--only", default="", help="comma-separated parts to measure again "
+                   "(scoring,small_job,bf16,training,prepare,end_to_end); the others stay as the JSON "
+                   "at --out has them")
     p.add_argument("--out", default="reports/performance.md",
                    help="the page, or a folder for performance.md (--out docs publishes it); the JSON goes beside it")
     p.add_argument("--work", default=None, help="scratch folder (default: the system's temp)")

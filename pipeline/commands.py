@@ -79,7 +79,7 @@ def score_cmd(args: argparse.Namespace) -> None:
     answered = result.n_images - result.n_errors - result.n_rejected
     print(f"answered {answered} / {result.n_images} images ({result.n_rejected} rejected, "
           f"{result.n_errors} failed{skipped}) with {result.model_uri} at "
-          f"{result.images_per_s:.1f} img/s -> {result.output}")
+          f"{result.images_per_s:.1f} img/s, first row after {result.first_row_s:.1f} s -> {result.output}")
 
 
 def rollback_cmd(args: argparse.Namespace) -> None:
@@ -194,7 +194,15 @@ def benchmark_cmd(args: argparse.Namespace) -> None:
     import sys
     import tempfile
 
-    from pipeline.bench.report import SMOKE, BenchSize, ratios, run_all, write
+    from pipeline.bench.page import ratios
+    from pipeline.bench.report import (
+        PARTS,
+        SMOKE,
+        BenchSize,
+        merge_parts,
+        run_all,
+        write,
+    )
     from pipeline.config import read_params
     from pipeline.tracking import setup_mlflow
 
@@ -203,9 +211,16 @@ def benchmark_cmd(args: argparse.Namespace) -> None:
     archive = Path(args.archive)
     sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
     size = SMOKE if args.smoke else BenchSize(score_images=args.images)
+    parts = tuple(p for p in args.only.split(",") if p) or PARTS
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     with tempfile.TemporaryDirectory(prefix="bench-", dir=args.work) as work:
         results = run_all(Path(args.prepared), args.model, archive, sha256, Path(work), size,
-                          params.train, params.augment)
+                          params.train, params.augment,
+                          Path(args.score_input) if args.score_input else None, parts)
+    if args.only:
+        results = merge_parts(args.out, results, parts)
     page = write(results, args.out, command_line("python -m pipeline benchmark", sys.argv[2:]))
     print("\n".join(ratios(results)) + f"\n-> {page}")
 

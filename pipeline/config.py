@@ -224,7 +224,7 @@ class ScoreConfig(Checked):
     concurrency: int = 0  # predictor actors; 0: one per GPU, or one per cpus_per_actor of the CPUs (at most 8)
     cpus_per_actor: float = 1.0
     threads_per_actor: int = 0  # torch threads of an actor; 0: the node's cores / actors
-    local_max_images: int = 5000  # at most this many, no cluster: in this process (faster up to ~10k here)
+    local_max_images: int = 1_000_000  # up to this many and no cluster: in this process (faster, docs/performance.md)
     decode: str = "auto"  # auto: in the actors on CPU, separate tasks for GPU actors | actor | tasks
     use_gpu: bool = False  # one GPU per actor
     tta: bool = False  # mean probability over the 8 flips/rotations

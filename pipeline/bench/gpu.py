@@ -17,14 +17,16 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 
-from pipeline.bench import REPORTS, page_path
+from pipeline.bench import REPORTS, gpu_stages, page_path
 from pipeline.bench.gpu_measure import (
     labelled_cells,
     load_predictor,
@@ -39,7 +41,7 @@ from pipeline.config import TrainConfig
 from pipeline.models import model_info
 from pipeline.serving.inference import ModelMeta, load_checkpoint
 
-PARTS = ("precision", "scoring", "training")
+PARTS = ("stages", "precision", "scoring", "training")
 PAGE = "performance-gpu.md"
 
 
@@ -82,7 +84,12 @@ def run(cells: Path, checkpoint: Path | None, device: torch.device, smoke: bool 
 def parser() -> argparse.ArgumentParser:
     """The command line of ``python -m pipeline.bench.gpu``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cells", required=True, help="a folder or zip of cell images, one folder per class")
+    p.add_argument("--archive", help="an archive in the official layout (the sample zip): the real stages "
+                                     "run on it first, and its cells and trained model feed the other parts")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="params of the stages' project (train.epochs=1); the GPU settings are set already")
+    p.add_argument("--work", default=None, help="where the stages' project goes (default: a new temp folder)")
+    p.add_argument("--cells", help="a folder or zip of cell images, one folder per class (default: --archive)")
     p.add_argument("--checkpoint", help="a trained model.pt (the register stage's): also compares "
                                         "fp32 with autocast probabilities")
     p.add_argument("--out", default=str(REPORTS / PAGE),
@@ -103,17 +110,46 @@ def saver(out: Path, command: str) -> Callable[[dict[str, Any]], None]:
     return save
 
 
+def stage_params(assignments: list[str], device: torch.device) -> dict[str, Any]:
+    """The stages' params: the GPU settings (on a GPU), then ``KEY=VALUE`` (YAML values)."""
+    from pipeline.project import deep_update
+
+    gpu = device.type == "cuda"
+    params: dict[str, Any] = {"train": {"use_gpu": gpu, "num_workers": "auto"}, "score": {"use_gpu": gpu}}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. train.epochs=1")
+        node: dict[str, Any] = {}
+        leaf = node
+        *parents, last = key.split(".")
+        for name in parents:
+            leaf = leaf.setdefault(name, {})
+        leaf[last] = yaml.safe_load(value)
+        params = deep_update(params, node)
+    return params
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("no CUDA device here: the GPU benchmark needs one (--smoke runs it small on CPU)")
+    parts = tuple(args.parts) if args.archive else tuple(p for p in args.parts if p != "stages")
+    if not (args.archive or args.cells):
+        raise SystemExit("give --archive (the real stages run on it first) or --cells")
     out = page_path(args.out, PAGE)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = command_line("python -m pipeline.bench.gpu", argv if argv is not None else sys.argv[1:])
-    result = run(Path(args.cells), Path(args.checkpoint) if args.checkpoint else None, device,
-                 args.smoke, saver(out, command), tuple(args.parts))
-    print(json.dumps(result, indent=1))
+    save, stages, checkpoint = saver(out, command), {}, args.checkpoint
+    if "stages" in parts:
+        work = Path(args.work or tempfile.mkdtemp(prefix="bench-gpu-"))
+        stages, project = gpu_stages.run(Path(args.archive), work, stage_params(args.set, device))
+        save({"machine": {}, "stages": stages})
+        checkpoint = checkpoint or str(project / "models" / "model.pt")
+    result = run(Path(args.cells or args.archive), Path(checkpoint) if checkpoint else None, device,
+                 args.smoke, lambda r: save({**r, **({"stages": stages} if stages else {})}), parts)
+    print(json.dumps({**result, **({"stages": stages} if stages else {})}, indent=1))
 
 
 if __name__ == "__main__":

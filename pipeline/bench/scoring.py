@@ -19,10 +19,13 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
 from pipeline.data.prepared import PreparedData
@@ -59,68 +62,98 @@ def load_predictor(model_uri: str):
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
 
 
-def _decode(args: tuple[str, int]) -> np.ndarray:
-    from pipeline.data.images import load_rgb, resize
+@dataclass(frozen=True)
+class Layout:
+    """One way to lay the plain program out on the machine."""
 
-    path, size = args
-    return resize(load_rgb(Path(path).read_bytes()), size)
+    decode: str  # "processes" (a forked pool) or "threads"
+    decoders: int  # decoding processes or threads
+    torch_threads: int  # the forward pass's threads, in the main process
+    batch: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.decode} x{self.decoders}, torch x{self.torch_threads}, batch {self.batch}"
 
 
-def plain_scoring(predictor, files: list[Path], batch_size: int, threads: int, workers: int) -> float:
-    """Images/s of a plain program: a forked pool decodes and resizes, torch predicts."""
-    size = predictor.meta.image_size
-    torch.set_num_threads(threads)
+def layouts(n_cores: int) -> list[Layout]:
+    """Every layout the benchmark tries: decoding in processes or threads, 1 or all cores of
+    decoders, 1 or 2 torch threads, batch 64/128/256."""
+    return [Layout(decode, decoders, threads, batch)
+            for decode in ("processes", "threads") for decoders in sorted({1, n_cores})
+            for threads in sorted({1, min(2, n_cores)}) for batch in (64, 128, 256)]
+
+
+def plain_scoring(predictor, inputs: pd.DataFrame, layout: Layout) -> float:
+    """Images/s of a plain program over ``inputs`` (``path``/``container`` rows): the project's
+    ``decode_batch`` in a pool, a few batches ahead, and the predictor's forward pass in this
+    process (probabilities only: no screening score, no output file)."""
+    from pipeline.serving.score_inputs import decoded_batches
+
+    torch.set_num_threads(layout.torch_threads)
+    predictor.batch_size = layout.batch
     t0 = time.perf_counter()
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        batch = []
-        for img in pool.imap(_decode, [(str(f), size) for f in files], chunksize=32):
-            batch.append(img)
-            if len(batch) == batch_size:
-                predictor.predict_resized(np.stack(batch))
-                batch = []
-        if batch:
-            predictor.predict_resized(np.stack(batch))
-    return len(files) / (time.perf_counter() - t0)
+    pool = (ProcessPoolExecutor(layout.decoders, mp_context=multiprocessing.get_context("fork"))
+            if layout.decode == "processes" else ThreadPoolExecutor(layout.decoders))
+    with pool:
+        for batch in decoded_batches(inputs, predictor.meta.image_size, predictor.limits, layout.batch,
+                                     pool, ahead=2 * layout.decoders):
+            predictor.predict_resized(batch["pixels"])
+    return len(inputs) / (time.perf_counter() - t0)
 
 
-def best_plain_layout(predictor, files: list[Path], batch_size: int) -> dict[str, Any]:
-    """The fastest (torch threads, decoding processes) of the plain program on ``files``."""
-    n = cores()
-    layouts = sorted({(t, w) for t in range(1, n + 1) for w in {1, max(1, n - 1), n}})
-    rates = {layout: plain_scoring(predictor, files, batch_size, *layout) for layout in layouts}
-    (threads, workers), rate = max(rates.items(), key=lambda kv: kv[1])
-    return {"threads": threads, "workers": workers, "tried": {f"{t}x{w}": round(r, 1)
-                                                              for (t, w), r in rates.items()}}
+def best_plain(predictor, inputs: pd.DataFrame, screen: int, finalists: int,
+               repeats: int) -> dict[str, Any]:
+    """Every layout on the first ``screen`` inputs, then the ``finalists`` fastest on all of
+    them (median of ``repeats``); the best finalist is the baseline."""
+    first = inputs.iloc[:screen]
+    tried = {layout: plain_scoring(predictor, first, layout) for layout in layouts(cores())}
+    top = sorted(tried, key=tried.get, reverse=True)[:finalists]
+    full = {layout: median_of(repeats, lambda: plain_scoring(predictor, inputs, layout)) for layout in top}
+    best = max(full, key=lambda layout: full[layout][0])
+    return {"layout": best.name, "images_per_s": round(full[best][0], 1),
+            "runs": [round(v, 1) for v in full[best][1]],
+            "screened_on": len(first), "screened": {k.name: round(v, 1) for k, v in tried.items()},
+            "finalists": {k.name: round(v[0], 1) for k, v in full.items()}}
 
 
-def scoring(model_uri: str, prepared: Path, n_images: int, batch_size: int, repeats: int,
-            work: Path) -> dict[str, Any]:
-    """``score`` with default settings vs the plain end-to-end program, same files and batch."""
+def score_cold(model_uri: str, source: str, work: Path) -> dict[str, float]:
+    """``pipeline score`` with its defaults in a fresh process: wall time, Ray's start included."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "score", "--input", source, "--model",
+                           model_uri, "--output", str(work / "cold.parquet")],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"pipeline score failed:\n{proc.stderr[-2000:]}")
+    return {"process_wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def scoring(model_uri: str, source: Path, repeats: int, work: Path, screen: int = 2000,
+            finalists: int = 3) -> dict[str, Any]:
+    """``score`` with its defaults against the best plain layout, on the same images (a zip or
+    folder of real cells): each score run after the first has Ray up; start-up apart."""
     from pipeline.config import ScoreConfig
     from pipeline.serving.score import score
+    from pipeline.serving.score_inputs import list_inputs
 
-    files = write_images(prepared, n_images, work / "cells")
+    inputs, _ = list_inputs(source)
+    work.mkdir(parents=True, exist_ok=True)
     predictor = load_predictor(model_uri)
-    best = best_plain_layout(predictor, files[:min(len(files), 1000)], batch_size)
-    plain, plain_runs = median_of(repeats, lambda: plain_scoring(predictor, files, batch_size,
-                                                                 best["threads"], best["workers"]))
+    plain = best_plain(predictor, inputs, min(screen, len(inputs)), finalists, repeats)
     torch.set_num_threads(cores())
-    cfg = ScoreConfig(input=str(work / "cells"), batch_size=batch_size)
+    cfg = ScoreConfig(input=str(source))
     runs = [score(cfg, model_uri, work / "scores.parquet") for _ in range(repeats + 1)]
-    pipe = statistics.median(r.images_per_s for r in runs[1:])  # the first starts Ray: reported apart
-    actors = {}  # scaling with the actor count, on a quarter of the images (one run each)
-    write_images(prepared, max(n_images // 4, 1), work / "quarter")
-    for k in sorted({1, 2}):
-        c = ScoreConfig(input=str(work / "quarter"), batch_size=batch_size, concurrency=k,
-                        cpus_per_actor=max(0.5, (cores() - 1) / k), local_max_images=0)
-        actors[k] = round(score(c, model_uri, work / f"scores_{k}.parquet").images_per_s, 1)
-    return {"images": n_images, "batch_size": batch_size, "plain_images_per_s": round(plain, 1),
-            "plain_runs": [round(v, 1) for v in plain_runs], "plain_layout": best,
+    pipe = statistics.median(r.images_per_s for r in runs[1:])  # the first warms up: apart
+    ray_data = score(replace(cfg, local_max_images=0), model_uri, work / "scores_ray.parquet")
+    cold = score_cold(model_uri, str(source), work)
+    return {"images": len(inputs), "input": source.name, "plain": plain,
+            "plain_images_per_s": plain["images_per_s"], "score_engine": runs[-1].engine,
             "score_images_per_s": round(pipe, 1), "score_runs": [round(r.images_per_s, 1) for r in runs[1:]],
             "score_first_run_images_per_s": round(runs[0].images_per_s, 1),
             "score_time_to_first_row_s": round(statistics.median(r.first_row_s for r in runs[1:]), 2),
-            "actors_images": max(n_images // 4, 1), "actors_images_per_s": actors,
-            "ratio": round(pipe / plain, 3)}
+            "score_cold_process_s": cold["process_wall_s"],
+            "ray_data_images_per_s": round(ray_data.images_per_s, 1),
+            "ratio": round(pipe / plain["images_per_s"], 3)}
 
 
 def small_job(model_uri: str, prepared: Path, sizes: tuple[int, ...], work: Path) -> dict[str, Any]:

@@ -130,12 +130,12 @@ class Predictor:
         """Probabilities ``NxK`` for images already at ``meta.image_size``."""
         return self.assess_resized(images, tta)[0]
 
-    def ood_scores(self, features: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    def ood_scores(self, features: np.ndarray, pixels: np.ndarray, stats: np.ndarray | None = None) -> np.ndarray:
         """The out-of-distribution score of each image (above 1: rejected; NaN: a model
         without a reject option), from its features and its resized pixels."""
         if self.ood is None or not len(features):
             return np.full(len(features), np.nan)
-        return self.ood.score(features, pixels)
+        return self.ood.score(features, pixels, stats)
 
     def predict(self, images: Sequence[np.ndarray], tta: bool | None = None) -> np.ndarray:
         """Probabilities ``NxK`` for RGB images of any size (resized like training)."""

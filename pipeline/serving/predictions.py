@@ -25,12 +25,13 @@ log = logging.getLogger(__name__)
 
 def score_rows(predictor: "Predictor", pixels: np.ndarray, errors: Sequence[str | None],
                rejects: Sequence[str | None], tta: bool | None = None,
-               threshold: float | None = None) -> pd.DataFrame:
+               threshold: float | None = None, stats: np.ndarray | None = None) -> pd.DataFrame:
     """The one path from decoded, resized images to rows, for every entry point.
 
     ``errors`` (unreadable) and ``rejects`` (refused by the input checks) per image; the
     others go to the model, and one whose out-of-distribution score passes the model's
     threshold (or ``threshold``, an override) is rejected too. Only ``ok`` rows carry a label.
+    ``stats``: the images' appearance statistics, when decoding computed them already.
     """
     n = len(errors)
     status = [ERROR if errors[i] else REJECTED if rejects[i] else OK for i in range(n)]
@@ -38,7 +39,7 @@ def score_rows(predictor: "Predictor", pixels: np.ndarray, errors: Sequence[str 
     go = [i for i in range(n) if status[i] == OK]
     probs, feats = predictor.assess_resized(pixels[go], tta) if go else (None, np.zeros((0, 0)))
     ood = np.full(n, np.nan)
-    ood[go] = predictor.ood_scores(feats, pixels[go])
+    ood[go] = predictor.ood_scores(feats, pixels[go], None if stats is None else stats[go])
     limit = threshold or 1.0
     full = np.full((n, len(predictor.meta.class_names)), np.nan)
     for j, i in enumerate(go):

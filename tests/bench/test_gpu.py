@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+import yaml
 
-from pipeline.bench import gpu_measure
+from pipeline.bench import gpu_measure, gpu_stages
 from pipeline.bench.gpu import main, parser
 from pipeline.bench.gpu_page import render
 
@@ -124,3 +126,45 @@ def test_gpu_benchmark_smoke_runs_every_part_and_writes_the_page(tmp_path):
         with pytest.raises(SystemExit, match="no CUDA device"):
             main(["--cells", str(cells), "--out", str(tmp_path / "x.md")])
         assert not Path(tmp_path / "x.md").exists()
+
+
+@pytest.mark.slow
+def test_the_real_stages_run_in_order_and_their_figures_reach_the_page(cells_small, tmp_path):
+    argv = ["--archive", str(cells_small), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "pages"),
+            "--smoke", "--parts", "stages", "scoring", "training", "--set", "prepare.image_size=32",
+            "train.epochs=2", "train.batch_size=64", "evaluate.bootstrap=50", "evaluate.gradcam_images=2"]
+    main(argv)
+    data = json.loads((tmp_path / "pages" / "performance-gpu.json").read_text())
+    st = data["stages"]
+    assert list(st["stages"]) == [*gpu_stages.STAGES, "score_archive"]
+    assert all(v["wall_s"] > 0 and v["peak_rss_mb"] > 0 for k, v in st["stages"].items() if k != "score_archive")
+    assert st["train_epochs"] == 2 and st["train_images_per_s"] > 0 and st["train_batch_size"] == 64
+    assert 0.5 <= st["test_accuracy"] <= 1.0  # a real model's figure (two epochs on 235 real cells)
+    assert set(st["score_images_per_s"]) == {"score", "score_archive"}
+    assert st["score_archive_first_row_s"] > 0
+    project = tmp_path / "work" / "project"
+    scored = pd.read_parquet(project / "data/scores/archive.parquet")
+    assert len(scored) == 235  # every cell of the archive, one row each
+    page = (tmp_path / "pages" / "performance-gpu.md").read_text()
+    assert "## The real stages" in page and "| train | " in page
+    assert "of the model's own step at batch 64" in page and "of the plain GPU program's best" in page
+
+
+def test_stage_commands_are_the_dvc_yaml_commands_with_params_filled_in(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        s: {"cmd": f"python stages/{s}.py data/raw/${{dataset}}.zip ${{train.epochs}}"} for s in gpu_stages.STAGES}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"dataset": "malaria", "train": {"epochs": 3}}))
+    commands = gpu_stages.stage_commands(tmp_path)
+    assert [name for name, _ in commands] == list(gpu_stages.STAGES)
+    assert commands[3] == ("train", "python stages/train.py data/raw/malaria.zip 3")
+
+
+def test_stage_params_put_the_gpu_settings_first_then_what_the_user_sets():
+    from pipeline.bench.gpu import stage_params
+
+    cuda = stage_params(["train.epochs=1", "train.use_gpu=false", "score.batch_size=32"], torch.device("cuda"))
+    assert cuda == {"train": {"use_gpu": False, "num_workers": "auto", "epochs": 1},
+                    "score": {"use_gpu": True, "batch_size": 32}}
+    assert stage_params([], torch.device("cpu"))["train"]["use_gpu"] is False
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        stage_params(["train.epochs"], torch.device("cpu"))

@@ -76,3 +76,30 @@ def test_nothing_pillow_reads_is_skipped_and_only_system_files_are(tmp_path):
     assert list(decoded["error"][:2]) == ["", ""] and "not a readable image" in decoded["error"][2]
     first = np.asarray(Image.open(io.BytesIO((tmp_path / "frames.gif").read_bytes())).convert("RGB").resize((32, 32)))
     assert np.abs(decoded["pixels"][1].astype(int) - first).mean() < 3  # the first frame, not the second
+
+
+def test_decoded_batches_keep_order_stay_in_one_container_and_decode_at_most_ahead(folder):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.serving.score_inputs import decoded_batches
+
+    listed, _ = list_inputs(folder)  # a/x.png, b.png, notes.txt in the folder
+    other = pd.DataFrame({"path": [str(folder / "b.png"), str(folder / "a" / "x.png")], "container": ""})
+    inputs = pd.concat([listed, other], ignore_index=True)  # 5 rows, two containers
+
+    class Counting(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args, **kwargs):
+            Counting.submitted += 1
+            return super().submit(*args, **kwargs)
+
+    with Counting(2) as pool:
+        seen = []
+        for k, batch in enumerate(decoded_batches(inputs, 8, None, 2, pool, ahead=2)):
+            # batch k is in hand: at most k + 1 + ahead submitted, never the whole input at once
+            assert Counting.submitted <= k + 3
+            seen.append(list(batch["path"]))
+    # slices of 2 rows, the second cut in two where the container changes (row 3 begins the other)
+    assert seen == [["a/x.png", "b.png"], ["notes.txt"], [str(folder / "b.png")], [str(folder / "a" / "x.png")]]
+    assert Counting.submitted == 4
