@@ -23,6 +23,7 @@ from pipeline.env import QUIET_ENV
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILES = ("dvc.yaml", "crossval/dvc.yaml", "validate/dvc.yaml", "params.yaml", ".dvcignore")
 PROJECT_DIRS = ("pipeline", "stages")
+STAGES = ("download", "prepare", "augment", "train", "evaluate", "register", "score")  # dvc.yaml's, in order
 OFFLINE_TEMPLATE = "offline_plots.html"  # in .dvc/, where plots.html_template points
 # What a copy makes that does not belong in its git history (DVC ignores its own outputs).
 GIT_IGNORED = ("*.zip", "/mlflow.db", "/mlruns/", "/mlartifacts/", "/checkpoints/", "/logs/",

@@ -147,9 +147,13 @@ def main(argv: list[str] | None = None) -> None:
         stages, project = gpu_stages.run(Path(args.archive), work, stage_params(args.set, device))
         save({"machine": {}, "stages": stages})
         checkpoint = checkpoint or str(project / "models" / "model.pt")
+
+    def with_stages(result: dict[str, Any]) -> dict[str, Any]:
+        return {**result, **({"stages": stages} if stages else {})}
+
     result = run(Path(args.cells or args.archive), Path(checkpoint) if checkpoint else None, device,
-                 args.smoke, lambda r: save({**r, **({"stages": stages} if stages else {})}), parts)
-    print(json.dumps({**result, **({"stages": stages} if stages else {})}, indent=1))
+                 args.smoke, lambda r: save(with_stages(r)), parts)
+    print(json.dumps(with_stages(result), indent=1))
 
 
 if __name__ == "__main__":

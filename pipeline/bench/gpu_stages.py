@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-STAGES = ("download", "prepare", "augment", "train", "evaluate", "register", "score")
+from pipeline.project import STAGES
 
 
 class GpuSampler:

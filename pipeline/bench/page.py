@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.project import STAGES
+
 # What was measured by hand (2026-11-27, not by this command) about the slower layout.
 LAYOUT_NOTE = """A layout over 1.05 fails the regression check. `train.num_workers` x
 `train.cpus_per_worker` defaults to the faster layout (cores x 1). Measured by hand, for
@@ -148,8 +150,7 @@ def _prepare(pr: dict[str, Any]) -> str:
 
 def _end_to_end(e: dict[str, Any]) -> str:
     """``dvc repro`` of a fresh project: in all, no-op, and each stage's time and memory."""
-    order = ("download", "prepare", "augment", "train", "evaluate", "register", "score")
-    stages = sorted(e["stages"].items(), key=lambda sv: order.index(sv[0]) if sv[0] in order else len(order))
+    stages = sorted(e["stages"].items(), key=lambda sv: STAGES.index(sv[0]) if sv[0] in STAGES else len(STAGES))
     rows = "\n".join(f"| {s} | {v['wall_s']} | {v['peak_rss_mb']:,.0f} |" for s, v in stages)
     return f"""
 ## End to end

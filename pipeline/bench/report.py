@@ -24,9 +24,9 @@ from pipeline.bench import training as benchmark_train
 from pipeline.bench.page import render
 from pipeline.config import AugmentConfig, TrainConfig
 from pipeline.files import write_json
+from pipeline.project import STAGES
 
 PAGE = "performance.md"
-STAGES = ("download", "prepare", "augment", "train", "evaluate", "register", "score")
 
 
 @dataclass(frozen=True)

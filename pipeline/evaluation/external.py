@@ -152,7 +152,7 @@ def score_cells(predictor: Predictor, cells: pd.DataFrame, positive: str) -> pd.
             batch = cells.iloc[start:start + BATCH]
             decoded = decode_batch(batch, predictor.meta.image_size, predictor.limits)
             parts.append(score_rows(predictor, decoded["pixels"], [e or None for e in decoded["error"]],
-                                    [r or None for r in decoded["rejected"]]))
+                                    [r or None for r in decoded["rejected"]], stats=decoded["appearance"]))
             bar.update(len(batch))
     rows = pd.concat(parts, ignore_index=True)
     p_model = rows[f"prob_{positive}"].to_numpy(float)

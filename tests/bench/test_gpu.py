@@ -155,6 +155,8 @@ def test_stage_commands_are_the_dvc_yaml_commands_with_params_filled_in(tmp_path
         s: {"cmd": f"python stages/{s}.py data/raw/${{dataset}}.zip ${{train.epochs}}"} for s in gpu_stages.STAGES}}))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"dataset": "malaria", "train": {"epochs": 3}}))
     commands = gpu_stages.stage_commands(tmp_path)
+    real = yaml.safe_load((Path(__file__).resolve().parents[2] / "dvc.yaml").read_text())["stages"]
+    assert tuple(real) == gpu_stages.STAGES  # the one list of stages is dvc.yaml's, in its order
     assert [name for name, _ in commands] == list(gpu_stages.STAGES)
     assert commands[3] == ("train", "python stages/train.py data/raw/malaria.zip 3")
 
