@@ -111,11 +111,12 @@ def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Pope
                             env=env or dvc_env(), start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process started by :func:`start`, and its children."""
+def stop(proc: subprocess.Popen, grace: float = 30) -> None:
+    """Stop a process started by :func:`start`, and its children: SIGTERM, then SIGKILL after
+    ``grace`` seconds."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=grace)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         try:
             os.killpg(proc.pid, signal.SIGKILL)

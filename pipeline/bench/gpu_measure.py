@@ -131,7 +131,7 @@ def _forward_rate(model, meta: ModelMeta, batches, device, dtype: torch.dtype | 
 
 
 def _decoded(part, size: int):
-    return decode_batch(part, size)["pixels"]
+    return decode_batch(part, size, stats=False)["pixels"]
 
 
 def scoring(cells: Path, predictor: Predictor, device: torch.device, images: int,

@@ -87,7 +87,8 @@ def layouts(n_cores: int) -> list[Layout]:
 def plain_scoring(predictor, inputs: pd.DataFrame, layout: Layout) -> float:
     """Images/s of a plain program over ``inputs`` (``path``/``container`` rows): the project's
     ``decode_batch`` in a pool, a few batches ahead, and the predictor's forward pass in this
-    process (probabilities only: no screening score, no output file)."""
+    process (probabilities only: no out-of-distribution score or its appearance statistics,
+    no output file; the input checks stay, as in the project's decoding)."""
     from pipeline.serving.score_inputs import decoded_batches
 
     torch.set_num_threads(layout.torch_threads)
@@ -97,7 +98,7 @@ def plain_scoring(predictor, inputs: pd.DataFrame, layout: Layout) -> float:
             if layout.decode == "processes" else ThreadPoolExecutor(layout.decoders))
     with pool:
         for batch in decoded_batches(inputs, predictor.meta.image_size, predictor.limits, layout.batch,
-                                     pool, ahead=2 * layout.decoders):
+                                     pool, ahead=2 * layout.decoders, stats=False):
             predictor.predict_resized(batch["pixels"])
     return len(inputs) / (time.perf_counter() - t0)
 

@@ -202,7 +202,7 @@ def _requirements() -> list[str]:
     from importlib.metadata import version
 
     pkgs = ["torch", "torchvision", "timm", "numpy", "pandas", "pillow", "albumentations",
-            "scikit-learn", "mlflow", "pyarrow"]
+            "opencv-python-headless", "scikit-learn", "mlflow", "pyarrow"]
     return [f"{p}=={version(p)}" for p in pkgs]
 
 

@@ -98,11 +98,12 @@ def _zip(container: str) -> zipfile.ZipFile | None:
     return cache[key][1]
 
 
-def decode_batch(batch: pd.DataFrame, size: int, limits: InputLimits | None = None) -> dict[str, np.ndarray]:
+def decode_batch(batch: pd.DataFrame, size: int, limits: InputLimits | None = None,
+                 stats: bool = True) -> dict[str, np.ndarray]:
     """Ray Data task: read, decode, check and resize a batch of paths; errors and reject
-    reasons become strings ("" = none: a fixed string type whatever the batch holds). The
-    appearance statistics of the out-of-distribution score are computed here too, off the
-    thread that runs the forward pass."""
+    reasons become strings ("" = none: a fixed string type whatever the batch holds). With
+    ``stats``, the appearance statistics of the out-of-distribution score are computed here
+    too (``appearance``), off the thread that runs the forward pass."""
     from pipeline.serving.screening import appearance, decode_screened
 
     pixels = np.zeros((len(batch), size, size, 3), np.uint8)
@@ -122,17 +123,19 @@ def decode_batch(batch: pd.DataFrame, size: int, limits: InputLimits | None = No
             pixels[i] = resized
         errors.append(error or "")
         rejects.append(rejected or "")
-    return {"path": batch["path"].to_numpy(dtype=str), "error": np.array(errors, dtype=str),
-            "rejected": np.array(rejects, dtype=str), "pixels": pixels, "appearance": appearance(pixels)}
+    out = {"path": batch["path"].to_numpy(dtype=str), "error": np.array(errors, dtype=str),
+           "rejected": np.array(rejects, dtype=str), "pixels": pixels}
+    return {**out, "appearance": appearance(pixels)} if stats else out
 
 
 def decoded_batches(inputs: pd.DataFrame, size: int, limits: InputLimits | None, batch_size: int,
-                    pool: Executor, ahead: int) -> Iterator[dict[str, np.ndarray]]:
+                    pool: Executor, ahead: int, stats: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """``inputs`` decoded by ``pool`` in batches (never across two containers), in order,
-    at most ``ahead`` batches decoding while the caller uses the current one."""
+    at most ``ahead`` batches decoding while the caller uses the current one (``stats``: as
+    :func:`decode_batch`)."""
     parts = (part for start in range(0, len(inputs), batch_size)
              for _, part in inputs.iloc[start:start + batch_size].groupby("container", sort=False))
-    decode = partial(decode_batch, size=size, limits=limits)
+    decode = partial(decode_batch, size=size, limits=limits, stats=stats)
     pending: deque = deque(pool.submit(decode, part) for _, part in zip(range(ahead), parts))
     while pending:
         batch = pending.popleft().result()

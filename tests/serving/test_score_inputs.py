@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.serving.score_inputs import decode_batch, list_inputs
+from pipeline.serving.screening import appearance
 
 
 @pytest.fixture
@@ -44,6 +45,9 @@ def test_a_list_keeps_missing_files_and_reads_paths_relative_to_itself(folder):
     batch = decode_batch(listed, 8)
     assert batch["pixels"].shape == (2, 8, 8, 3)
     assert batch["error"][0] == "" and batch["error"][1].startswith("cannot read file")
+    # the OOD score's appearance statistics come with the pixels, unless not asked for
+    np.testing.assert_array_equal(batch["appearance"], appearance(batch["pixels"]))
+    assert "appearance" not in decode_batch(listed, 8, stats=False)
 
 
 def test_a_glob_lists_only_the_images_it_matches(folder):
