@@ -185,7 +185,7 @@ class EvaluateConfig(Checked):
               "patient_threshold": PROBABILITY, "bootstrap": (1, None), "ci_level": (0.5, 0.999),
               "gradcam_images": (0, None)}
 
-    batch_size: int = 256
+    batch_size: int = 64
     tta: bool = False  # mean probability over the 8 flips/rotations
     positive_class: str = "Parasitized"
     target_sensitivity: float = 0.98  # operating point, chosen on the validation split

@@ -18,7 +18,7 @@ from pipeline.evaluation.report import About, BinaryTables, artifact_dirs, write
 from pipeline.files import write_json
 from pipeline.metrics import HEADLINE_METRICS, classification_metrics
 from pipeline.plots import write_plots
-from pipeline.serving.inference import Predictor
+from pipeline.serving.inference import BATCH_SIZE, Predictor
 from pipeline.training import run_notes
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class SplitPredictions:
 
 
 def predict_split(model_path: str | Path, prepared: str | Path, split: str,
-                  batch_size: int = 256, tta: bool = False) -> tuple[np.ndarray, np.ndarray, list[str], Predictor]:
+                  batch_size: int = BATCH_SIZE, tta: bool = False) -> tuple[np.ndarray, np.ndarray, list[str], Predictor]:
     """Labels and predicted probabilities for one prepared split."""
     predictor = Predictor.from_checkpoint(model_path, batch_size=batch_size, tta=tta)
     pred = _split(predictor, PreparedData(prepared), split)

@@ -80,11 +80,16 @@ def model_from(state: dict[str, Any], device: str = "cpu") -> tuple[nn.Module, M
     return model, meta
 
 
+# Images per forward pass. On 2 cores (96 px), 64 ran at 1.3x the images/s of 256 and 1.2x
+# those of 128, with the same features (the larger batches fall out of the CPU's caches).
+BATCH_SIZE = 64
+
+
 class Predictor:
     """Batched, optionally test-time-augmented class probabilities from a model, with the
     model's reject option (input limits and out-of-distribution score) when it has one."""
 
-    def __init__(self, model: nn.Module, meta: ModelMeta, batch_size: int = 128,
+    def __init__(self, model: nn.Module, meta: ModelMeta, batch_size: int = BATCH_SIZE,
                  tta: bool = False, device: str | None = None, ood: RejectOption | None = None,
                  limits: InputLimits | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -153,7 +158,7 @@ def attach_reject_option(path: str | Path, train_images: np.ndarray, train_label
     """Fit the out-of-distribution score on training cells, set its thresholds on validation
     cells (:meth:`Mahalanobis.fit`), and store it with the input limits in the checkpoint."""
     state = read_checkpoint(path)
-    predictor = Predictor(*model_from(state), batch_size=256)
+    predictor = Predictor(*model_from(state))
     pick = np.sort(np.random.default_rng(seed).permutation(len(train_images))[:FIT_CELLS])
     train_px, labels, val_px = np.asarray(train_images)[pick], np.asarray(train_labels)[pick], np.asarray(val_images)
     _, feats = predictor.assess_resized(train_px, tta=False)
