@@ -58,7 +58,8 @@ def _scoring(sc: dict[str, Any]) -> str:
 The plain program decodes with the project's `decode_batch` in a pool, a few batches ahead,
 while torch runs the same model's forward pass in the main process (fp32, channels_last,
 probabilities only: neither the out-of-distribution score nor its appearance statistics, and
-no output file, so it does less than `score`; the input checks stay). Every layout ran on the first {plain['screened_on']:,} images; the three fastest ran
+no output file, so it does less than `score`; the input checks stay).
+Every layout ran on the first {plain['screened_on']:,} images; the three fastest ran
 again on all of them (median of {len(plain['runs'])}); the fastest of those is the baseline:
 **{plain['layout']}**.
 

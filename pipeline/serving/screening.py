@@ -127,8 +127,13 @@ class Mahalanobis:
     @cached_property
     def _whitened(self) -> tuple[np.ndarray, np.ndarray]:
         """``L`` with ``precision = L L^T`` (Cholesky, in float64) and the means times ``L``."""
-        whiten = np.linalg.cholesky(np.asarray(self.precision, np.float64)).astype(np.float32)
-        return whiten, np.asarray(self.means, np.float32) @ whiten
+        precision = np.asarray(self.precision, np.float64)
+        try:
+            whiten = np.linalg.cholesky(precision)
+        except np.linalg.LinAlgError:  # stored in float32, a near-singular one may not factor
+            values, vectors = np.linalg.eigh(precision)
+            whiten = vectors * np.sqrt(np.clip(values, 0.0, None))
+        return whiten.astype(np.float32), np.asarray(self.means, np.float32) @ whiten.astype(np.float32)
 
     def state(self) -> dict[str, Any]:
         """What goes into the checkpoint (tensors and a float: ``weights_only``-safe)."""

@@ -36,6 +36,18 @@ def test_the_score_is_the_squared_distance_to_the_nearest_class_mean_over_the_th
     np.testing.assert_array_equal(again.score(probe), m.score(probe))
 
 
+def test_a_precision_cholesky_cannot_factor_still_gives_the_quadratic_form():
+    rng = np.random.default_rng(2)
+    basis = rng.normal(size=(6, 3))
+    precision = (basis @ basis.T).astype(np.float32)  # rank 3 of 6: no Cholesky factor
+    means = rng.normal(size=(2, 6)).astype(np.float32)
+    m = Mahalanobis(means, precision, 2.0)
+    probe = rng.normal(size=(10, 6))
+    want = np.min([np.einsum("nd,de,ne->n", probe - mu, precision.astype(np.float64), probe - mu)
+                   for mu in means.astype(np.float64)], axis=0) / 2.0
+    np.testing.assert_allclose(m.score(probe), want, rtol=1e-4, atol=1e-5)
+
+
 def test_appearance_is_colour_mean_and_spread_then_border_centre_and_detail():
     rng = np.random.default_rng(1)
     px = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
