@@ -37,9 +37,10 @@ def score_rows(predictor: "Predictor", pixels: np.ndarray, errors: Sequence[str 
     status = [ERROR if errors[i] else REJECTED if rejects[i] else OK for i in range(n)]
     reason = [errors[i] or rejects[i] or None for i in range(n)]
     go = [i for i in range(n) if status[i] == OK]
-    probs, feats = predictor.assess_resized(pixels[go], tta) if go else (None, np.zeros((0, 0)))
+    answered = pixels[go]  # one copy of the images the model sees, for both of its passes
+    probs, feats = predictor.assess_resized(answered, tta) if go else (None, np.zeros((0, 0)))
     ood = np.full(n, np.nan)
-    ood[go] = predictor.ood_scores(feats, pixels[go], None if stats is None else stats[go])
+    ood[go] = predictor.ood_scores(feats, answered, None if stats is None else stats[go])
     limit = threshold or 1.0
     full = np.full((n, len(predictor.meta.class_names)), np.nan)
     for j, i in enumerate(go):

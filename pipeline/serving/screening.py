@@ -133,7 +133,8 @@ class Mahalanobis:
         except np.linalg.LinAlgError:  # stored in float32, a near-singular one may not factor
             values, vectors = np.linalg.eigh(precision)
             whiten = vectors * np.sqrt(np.clip(values, 0.0, None))
-        return whiten.astype(np.float32), np.asarray(self.means, np.float32) @ whiten.astype(np.float32)
+        whiten = whiten.astype(np.float32)
+        return whiten, np.asarray(self.means, np.float32) @ whiten
 
     def state(self) -> dict[str, Any]:
         """What goes into the checkpoint (tensors and a float: ``weights_only``-safe)."""
