@@ -39,11 +39,12 @@ ARCHIVE ?= data/raw/malaria.zip
 bench-gpu: ## on a CUDA machine: the real stages, then GPU training and scoring against their ceilings -> reports/ (OUT=docs publishes)
 	$(BIN)/python -m pipeline.bench.gpu --archive $(ARCHIVE) --out $(or $(OUT),reports)
 
-test: ## the whole test suite, as CI runs it
-	$(BIN)/python -m pytest
+TEST_WORKERS ?= 2
+test: ## the whole test suite, as CI runs it: two pytest processes (CI's two cores; TEST_WORKERS=N)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: ## the tests not marked slow (a few minutes)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 clean-demo: ## remove the demo project
 	rm -rf demo

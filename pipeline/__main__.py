@@ -125,8 +125,10 @@ def _add_sample(sub) -> None:
 def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="paired differences of candidate recipes against the default, "
                                        "on the cells `pipeline validate` scored for each")
-    p.add_argument("default", help="the default recipe's validation folder (holds cells.parquet)")
-    p.add_argument("candidates", nargs="+", help="NAME=FOLDER of each candidate's validation")
+    p.add_argument("default", help="the default recipe's validation folder (holds cells.parquet); "
+                                   "FOLDER,FOLDER,...: one per training seed")
+    p.add_argument("candidates", nargs="+", help="NAME=FOLDER of each candidate's validation (NAME=FOLDER,FOLDER,... "
+                                                 "for its seeds, in the default's seed order)")
     p.add_argument("--bootstrap", type=int, default=1000, help="patient-bootstrap draws")
     p.add_argument("--seeds", action="store_true",
                    help="the folders are one recipe's training seeds: report each, the mean and the spread")

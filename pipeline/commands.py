@@ -245,7 +245,10 @@ def compare_cmd(args: argparse.Namespace) -> None:
     candidates = dict(item.split("=", 1) for item in args.candidates)
     if args.seeds:  # one recipe, several training seeds: the figures of each, not a comparison
         return _seeds(args, {args.default_name: Path(args.default), **{k: Path(v) for k, v in candidates.items()}})
-    table = compare(Path(args.default), {k: Path(v) for k, v in candidates.items()}, args.bootstrap)
+    def folders(text: str) -> list[Path]:  # FOLDER[,FOLDER...]: one per training seed, in seed order
+        return [Path(f) for f in text.split(",")]
+
+    table = compare(folders(args.default), {k: folders(v) for k, v in candidates.items()}, args.bootstrap)
     out = Path(args.out)
     with atomic_path(out) as tmp:
         tmp.write_text(render(table, command_line("pipeline compare", sys.argv[2:])))

@@ -43,18 +43,16 @@ def pytest_collection_modifyitems(config, items) -> None:
     if not missing:
         return
     skip = pytest.mark.skip(reason=f"{' and '.join(missing)} not set: {HOW_TO_GET_THE_SAMPLE}")
-    needing = [item for item in items if item.get_closest_marker("sample")
-               and set(missing) & set(item.get_closest_marker("sample").args or (SAMPLE_ENV,))]
-    for item in needing:
-        item.add_marker(skip)
-    config.stash[_NOT_RUN] = len(needing)
-
-
-_NOT_RUN = pytest.StashKey[int]()
+    for item in items:
+        mark = item.get_closest_marker("sample")
+        if mark and set(missing) & set(mark.args or (SAMPLE_ENV,)):
+            item.add_marker(skip)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    not_run = config.stash.get(_NOT_RUN, 0)
+    # Counted from the skip reports, not at collection: with pytest-xdist the workers collect.
+    not_run = sum(HOW_TO_GET_THE_SAMPLE in str(report.longrepr)
+                  for report in terminalreporter.stats.get("skipped", []))
     if not_run:
         terminalreporter.write_line(f"{not_run} tests of the real NIH sample did not run: "
                                     f"{HOW_TO_GET_THE_SAMPLE}", yellow=True)

@@ -247,31 +247,39 @@ def _patient_resamples(groups: np.ndarray, n_boot: int, seed: int) -> Iterator[n
         yield np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
 
 
-def paired_difference(first: pd.DataFrame, second: pd.DataFrame, n_boot: int = 1000,
+def paired_difference(first: pd.DataFrame | Sequence[pd.DataFrame],
+                      second: pd.DataFrame | Sequence[pd.DataFrame], n_boot: int = 1000,
                       level: float = 0.95, seed: int = 0, threshold: float = 0.5) -> pd.DataFrame:
     """Accuracy and ROC AUC of ``first`` minus ``second`` on the same cells, with a patient-bootstrap
     CI: each replicate draws patients once and scores both models on that draw.
 
     Each table has one row per cell, in the same order: ``patient_id``, ``is_pos``, and ``correct``
     or ``p_pos`` (the positive probability, called at ``threshold``); the AUC needs ``p_pos`` in
-    both (NaN otherwise). Returns rows ``accuracy``, ``roc_auc``; columns ``first``, ``second``,
-    ``difference``, ``ci_low``, ``ci_high``.
+    both (NaN otherwise). A side may be a list of tables, one per training seed, paired by position:
+    figures are then means over seeds, each seed scored on the same patient draws. Returns rows
+    ``accuracy``, ``roc_auc``; columns ``first``, ``second``, ``difference``, ``ci_low``, ``ci_high``.
     """
-    _check_paired(first, second)
-    is_pos = first["is_pos"].to_numpy(bool)
+    firsts, seconds = ([t] if isinstance(t, pd.DataFrame) else list(t) for t in (first, second))
+    if len(firsts) != len(seconds) or not firsts:
+        raise ValueError(f"a paired comparison needs as many seeds on each side: {len(firsts)} and {len(seconds)}")
+    tables = firsts + seconds
+    for table in tables[1:]:
+        _check_paired(tables[0], table)
+    is_pos = tables[0]["is_pos"].to_numpy(bool)
     correct = [t["correct"].to_numpy(bool) if "correct" in t else (t["p_pos"].to_numpy() >= threshold) == is_pos
-               for t in (first, second)]
-    probs = [t["p_pos"].to_numpy(float) if "p_pos" in t else None for t in (first, second)]
+               for t in tables]
+    probs = [t["p_pos"].to_numpy(float) if "p_pos" in t else None for t in tables]
 
     def auc(p: np.ndarray | None, idx: np.ndarray) -> float:
         two = p is not None and 0 < is_pos[idx].sum() < len(idx)
         return float(skm.roc_auc_score(is_pos[idx], p[idx])) if two else float("nan")
 
-    def figures(idx: np.ndarray) -> np.ndarray:
-        return np.array([[c[idx].mean() for c in correct], [auc(p, idx) for p in probs]])
+    def figures(idx: np.ndarray) -> np.ndarray:  # [metric, side]: each side's mean over its seeds
+        values = np.array([[c[idx].mean() for c in correct], [auc(p, idx) for p in probs]])
+        return np.stack([values[:, :len(firsts)].mean(1), values[:, len(firsts):].mean(1)], axis=1)
 
-    point = figures(np.arange(len(first)))
-    draws = [np.subtract(*figures(idx).T) for idx in _patient_resamples(first["patient_id"].to_numpy(),
+    point = figures(np.arange(len(is_pos)))
+    draws = [np.subtract(*figures(idx).T) for idx in _patient_resamples(tables[0]["patient_id"].to_numpy(),
                                                                          n_boot, seed)]
     boot = pd.DataFrame(draws, columns=["accuracy", "roc_auc"])
     alpha = (1 - level) / 2

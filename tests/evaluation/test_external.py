@@ -202,3 +202,10 @@ def test_validate_on_new_patients_of_the_external_pool(versions, pool_zip, tmp_p
     check_intervals(figures)
     report = result.report.read_text()
     assert all(f"| {patient} " in report for patient in chosen)  # the worst-patients table names them
+
+
+def test_paired_difference_of_one_seed_in_a_list_is_the_single_table_figure():
+    rng = np.random.default_rng(3)
+    is_pos = list(rng.uniform(size=8) > 0.5)
+    a, b = (cell_table(5, list(rng.uniform(size=8)), is_pos) for _ in range(2))
+    pd.testing.assert_frame_equal(paired_difference([a], [b], n_boot=50), paired_difference(a, b, n_boot=50))

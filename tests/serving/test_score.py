@@ -8,6 +8,7 @@ import zipfile
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
 from pipeline.config import ScoreConfig
@@ -262,8 +263,6 @@ def test_a_scoring_actor_killed_mid_job_still_scores_every_input_exactly_once(ra
                                                                              tmp_path):
     import threading
 
-    import psutil
-
     rng = np.random.default_rng(11)
     root = tmp_path / "many"
     root.mkdir()
@@ -275,8 +274,9 @@ def test_a_scoring_actor_killed_mid_job_still_scores_every_input_exactly_once(ra
     def kill_the_predictor() -> None:
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "BatchPredictor" in " ".join(proc.info["cmdline"] or []):
+            # this process's Ray instance only: another test process may be scoring beside it
+            for proc in psutil.Process().children(recursive=True):
+                if "BatchPredictor" in " ".join(_cmdline(proc)):
                     time.sleep(1.0)  # let it score some batches first
                     proc.kill()
                     killed.append(time.time())
@@ -294,6 +294,13 @@ def test_a_scoring_actor_killed_mid_job_still_scores_every_input_exactly_once(ra
     assert len(table) == result.n_images == 400
     assert table["path"].nunique() == 400 and set(table["path"]) == {p.name for p in root.iterdir()}
     assert table["error"].isna().all()
+
+
+def _cmdline(proc) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:  # gone, or not ours to read
+        return []
 
 
 def test_actor_count_auto_is_one_per_cpu_up_to_eight_each_on_one_thread(ray_local, monkeypatch):
