@@ -41,10 +41,10 @@ bench-gpu: ## on a CUDA machine: the real stages, then GPU training and scoring 
 
 TEST_WORKERS ?= 2
 test: ## the whole test suite, as CI runs it: two pytest processes (CI's two cores; TEST_WORKERS=N)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 test-fast: ## the tests not marked slow (a few minutes)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope -m "not slow"
 
 clean-demo: ## remove the demo project
 	rm -rf demo

@@ -140,7 +140,7 @@ class TrainConfig(Checked):
     regime: str = "finetune_all"  # scratch | feature_extract | finetune_top | finetune_all
     top_blocks: int = 2  # blocks below the head that train in finetune_top
     backbone_lr_factor: float = 1.0  # backbone lr = lr * factor (discriminative lr)
-    epochs: int = 3  # a fixed budget, cosine schedule: docs/model-selection.md
+    epochs: int = 6  # a fixed budget, cosine schedule: docs/model-selection.md
     batch_size: int = 64
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3

@@ -22,8 +22,6 @@ from pipeline.data.prepared import PreparedData
 from pipeline.project import REPO_ROOT, dvc, git, scaffold
 from tests.conftest import free_port
 
-# One pytest process runs them all: they share the module's demo project (a minute to build).
-pytestmark = pytest.mark.xdist_group("demo")
 VEGA_PLOTS = 6  # the Vega (not image) plots dvc.yaml defines
 # Where Chromium calls on its own (sign-in, time, updates), at moments that vary run to run.
 CHROMIUM_OWN = re.compile(r"(^|\.)(google|googleapis|gstatic|gvt1)\.com$")

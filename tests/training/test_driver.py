@@ -21,8 +21,7 @@ from pipeline.data.augment import policy
 from pipeline.training.driver import train
 from tests.conftest import has_committed_checkpoint
 
-# One pytest process runs them all: they share the module's prepared cells and Ray instance.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("driver")]
+pytestmark = pytest.mark.slow
 POLICY = policy(AugmentConfig(), 40)
 
 
