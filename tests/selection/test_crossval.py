@@ -111,9 +111,11 @@ def test_two_fold_trials_are_child_runs_and_a_failed_trial_is_reported(
 
     from pipeline.selection.report import sweep
 
+    # One Ray Train worker a trial: two trials run side by side on two cores (DDP across
+    # workers is tested in tests/training).
     params = _params(dataset="malaria", train={"model": "baseline_cnn", "pretrained": False,
                                                "regime": "scratch", "epochs": 1, "system_metrics": False,
-                                               "lr": 0.003},
+                                               "lr": 0.003, "num_workers": 1},
                      crossval={"folds": 2, "seed": 0}, evaluate={"bootstrap": 100})
     grid = {"ok": {}, "diverges": {"train.lr": 1e10}}
     results = sweep(params, grid, prepared_synthetic, None, tmp_path / "sweep", tmp_path / "work")

@@ -64,7 +64,7 @@ def _train_workers() -> list[psutil.Process]:
 
 def test_worker_killed_mid_run_restarts_from_checkpoint_and_finishes(
         prepared_medium, tmp_path, tracking_uri, ray_local):
-    cfg = _cfg(tmp_path, epochs=5)
+    cfg = _cfg(tmp_path, epochs=3)
     killed: list[tuple[int, float]] = []
 
     def kill_one_worker() -> None:
@@ -80,9 +80,9 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_finishes(
     assert killed, "no worker was killed"
     pid, when = killed[0]
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert result.history["epoch"].tolist() == [1, 2, 3, 4, 5]
+    assert result.history["epoch"].tolist() == [1, 2, 3]
     last = mlflow.MlflowClient().get_metric_history(result.run_id, "val_loss")[-1]
-    assert last.step == 5 and last.timestamp / 1000 > when  # training went on after the kill
+    assert last.step == 3 and last.timestamp / 1000 > when  # training went on after the kill
     assert result.model_path.is_file()
 
 
