@@ -215,6 +215,8 @@ def benchmark_cmd(args: argparse.Namespace) -> None:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise SystemExit(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if args.work:  # a scratch folder named on the command line: made if missing
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-", dir=args.work) as work:
         results = run_all(Path(args.prepared), args.model, archive, sha256, Path(work), size,
                           params.train, params.augment,
