@@ -117,6 +117,22 @@ def has_committed_checkpoint(storage: Path) -> bool:
     return False
 
 
+def own_ray_processes(title: str) -> list:
+    """Processes under this test process whose title names ``title`` (a Ray worker or actor
+    shows its class there, as ``ray::RayTrainWorker``): those of its own Ray instance, never
+    another pytest process's beside it."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if title in " ".join(proc.cmdline()[:1]):
+                found.append(proc)
+        except psutil.Error:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     """Start a process in its own process group (so it can be stopped with everything it spawned)."""
     from pipeline.project import dvc_env

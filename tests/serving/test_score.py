@@ -14,6 +14,7 @@ import pytest
 from pipeline.config import ScoreConfig
 from pipeline.data.synthetic import png_bytes, synthetic_cell
 from pipeline.serving.score import resolve_model, score
+from tests.conftest import own_ray_processes
 
 
 @pytest.fixture(scope="module")
@@ -275,15 +276,14 @@ def test_a_scoring_actor_killed_mid_job_still_scores_every_input_exactly_once(ra
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
             # this process's Ray instance only: another test process may be scoring beside it
-            for proc in psutil.Process().children(recursive=True):
-                if "BatchPredictor" in " ".join(_cmdline(proc)):
-                    time.sleep(1.0)  # let it score some batches first
-                    try:
-                        proc.kill()
-                    except psutil.NoSuchProcess:  # Ray Data let this one go meanwhile: find another
-                        break
-                    killed.append(time.time())
-                    return
+            for proc in own_ray_processes("BatchPredictor"):
+                time.sleep(1.0)  # let it score some batches first
+                try:
+                    proc.kill()
+                except psutil.NoSuchProcess:  # Ray Data let this one go meanwhile: find another
+                    break
+                killed.append(time.time())
+                return
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_the_predictor, daemon=True)
@@ -297,13 +297,6 @@ def test_a_scoring_actor_killed_mid_job_still_scores_every_input_exactly_once(ra
     assert len(table) == result.n_images == 400
     assert table["path"].nunique() == 400 and set(table["path"]) == {p.name for p in root.iterdir()}
     assert table["error"].isna().all()
-
-
-def _cmdline(proc) -> list[str]:
-    try:
-        return proc.cmdline()
-    except psutil.Error:  # gone, or not ours to read
-        return []
 
 
 def test_actor_count_auto_is_one_per_cpu_up_to_eight_each_on_one_thread(ray_local, monkeypatch):

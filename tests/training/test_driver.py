@@ -19,7 +19,7 @@ import pytest
 from pipeline.config import AugmentConfig, TrainConfig
 from pipeline.data.augment import policy
 from pipeline.training.driver import train
-from tests.conftest import has_committed_checkpoint
+from tests.conftest import has_committed_checkpoint, own_ray_processes
 
 pytestmark = pytest.mark.slow
 POLICY = policy(AugmentConfig(), 40)
@@ -56,12 +56,6 @@ def _first_checkpoint(storage: Path, timeout: float = 300, proc=None) -> None:
     raise TimeoutError(f"no checkpoint under {storage}")
 
 
-def _train_workers() -> list[psutil.Process]:
-    """Ray Train worker processes started by this test process's Ray instance."""
-    return [p for p in psutil.Process().children(recursive=True)
-            if "RayTrainWorker" in " ".join(p.cmdline()[:1])]
-
-
 def test_worker_killed_mid_run_restarts_from_checkpoint_and_finishes(
         prepared_medium, tmp_path, tracking_uri, ray_local):
     cfg = _cfg(tmp_path, epochs=3)
@@ -69,7 +63,7 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_finishes(
 
     def kill_one_worker() -> None:
         _first_checkpoint(tmp_path / "ray")
-        victim = _train_workers()[-1]
+        victim = own_ray_processes("RayTrainWorker")[-1]
         victim.send_signal(signal.SIGKILL)
         killed.append((victim.pid, time.time()))
 
