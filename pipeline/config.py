@@ -1,8 +1,8 @@
 """Typed, frozen configuration objects for every stage, built from plain dicts.
 
-The library never reads ``params.yaml`` itself: entry points (stage scripts, the
-``pipeline`` command) call :func:`read_params`, which uses :func:`from_dict`: it refuses unknown keys so a typo in ``params.yaml``
-is an error that names the key rather than a silently ignored setting.
+The library never reads ``params.yaml`` itself: entry points (stage scripts, the ``pipeline``
+command) call :func:`read_params`; :func:`from_dict` refuses unknown keys, so a typo in
+``params.yaml`` is an error that names the key rather than a silently ignored setting.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ class TrainConfig(Checked):
     """Model, optimisation and Ray Train scaling settings."""
 
     SECTION = "train"
-    CHOICES = {"regime": REGIMES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
-               "model": known_models}
+    # "model" is checked in __post_init__: our own names need no torchvision import (seconds)
+    CHOICES = {"regime": REGIMES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS}
     RANGES = {"top_blocks": (0, None), "backbone_lr_factor": (0.0, None), "epochs": (1, None),
               "batch_size": (1, None), "lr": (1e-12, None), "momentum": (0.0, 0.999),
               "weight_decay": (0.0, None), "warmup_epochs": (0, None), "step_size": (1, None),
@@ -171,6 +171,8 @@ class TrainConfig(Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.model not in CUSTOM_MODELS:
+            self.check_choice("model", known_models())
         n = self.num_workers
         if n != "auto" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ConfigError(f"train.num_workers: {n!r} is neither a whole number >= 1 nor 'auto'")
@@ -181,9 +183,8 @@ class EvaluateConfig(Checked):
     """Test-split evaluation settings."""
 
     SECTION = "evaluate"
-    RANGES = {"batch_size": (1, None), "target_sensitivity": (1e-6, 1.0),
-              "patient_threshold": PROBABILITY, "bootstrap": (1, None), "ci_level": (0.5, 0.999),
-              "gradcam_images": (0, None)}
+    RANGES = {"batch_size": (1, None), "target_sensitivity": (1e-6, 1.0), "patient_threshold": PROBABILITY,
+              "bootstrap": (1, None), "ci_level": (0.5, 0.999), "gradcam_images": (0, None)}
 
     batch_size: int = 64
     tta: bool = False  # mean probability over the 8 flips/rotations
@@ -273,8 +274,7 @@ class Params:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
 
     def __post_init__(self) -> None:
-        # Every dataset of pipeline/data/datasets.py has its source here, so this also
-        # refuses an unknown dataset name, listing the known ones.
+        # Every dataset of pipeline/data/datasets.py has a source: this refuses an unknown name too
         if self.dataset not in self.download.sources:
             raise ConfigError(f"dataset: no download.sources.{self.dataset} in params.yaml; datasets "
                               f"with a source: {', '.join(sorted(self.download.sources))} (a new one "

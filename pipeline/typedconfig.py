@@ -8,7 +8,7 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T")
 
@@ -23,25 +23,28 @@ class ConfigError(UserError, ValueError):
 
 
 class Checked:
-    """Checks a config section at construction: ``CHOICES`` (key -> allowed values, or a
-    callable returning them) and ``RANGES`` (key -> (low, high), inclusive; None = open)."""
+    """Checks a config section at construction: ``CHOICES`` (key -> allowed values) and
+    ``RANGES`` (key -> (low, high), inclusive; None = open)."""
 
     SECTION: ClassVar[str] = ""
-    CHOICES: ClassVar[dict[str, tuple[str, ...] | Callable[[], tuple[str, ...]]]] = {}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
     RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
 
     def __post_init__(self) -> None:
         for key, allowed in self.CHOICES.items():
-            allowed = allowed() if callable(allowed) else allowed
-            if getattr(self, key) not in allowed:
-                shown = ", ".join(allowed[:12]) + (f", ... ({len(allowed)} in all)" if len(allowed) > 12 else "")
-                raise ConfigError(f"{self.SECTION}.{key}: {getattr(self, key)!r} is not one of {shown}")
+            self.check_choice(key, allowed)
         for key, (low, high) in self.RANGES.items():
             value = getattr(self, key)
             if not math.isfinite(value) or (low is not None and value < low) or \
                     (high is not None and value > high):
                 span = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
                 raise ConfigError(f"{self.SECTION}.{key}: {value!r} is outside {span}")
+
+    def check_choice(self, key: str, allowed: tuple[str, ...]) -> None:
+        """Raise a ConfigError naming ``key`` unless its value is one of ``allowed``."""
+        if getattr(self, key) not in allowed:
+            shown = ", ".join(allowed[:12]) + (f", ... ({len(allowed)} in all)" if len(allowed) > 12 else "")
+            raise ConfigError(f"{self.SECTION}.{key}: {getattr(self, key)!r} is not one of {shown}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:

@@ -1,4 +1,7 @@
-"""What every stage script shares: arguments, params.yaml loading, errors, process set-up."""
+"""What every stage script shares: arguments, params.yaml loading, errors, process set-up.
+
+A stage imports the library (torch, Ray, MLflow: seconds) inside ``main``, after
+``load_params``: ``--help``, a wrong argument count and a bad param then answer at once."""
 
 from __future__ import annotations
 

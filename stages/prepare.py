@@ -5,12 +5,13 @@ from pathlib import Path
 
 from common import load_params, run_stage
 
-from pipeline.data.prepare import prepare
-from pipeline.data.prepared import DATA_CARD
-
 
 def main(archive: str, out_dir: str, card: str) -> None:
     params = load_params()
+    # the library is imported once the params are read (common.py)
+    from pipeline.data.prepare import prepare
+    from pipeline.data.prepared import DATA_CARD
+
     result = prepare(archive, out_dir, params.prepare, params.dataset)
     Path(card).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(out_dir) / DATA_CARD, card)

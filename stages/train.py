@@ -5,16 +5,18 @@ from pathlib import Path
 import yaml
 from common import load_params, run_stage
 
-from pipeline.files import atomic_path, write_json
 from pipeline.handoffs import TrainHandoff, write_handoff
-from pipeline.plots import training_curves
-from pipeline.tracking import log_artifact
-from pipeline.training.driver import RunOptions, train
 
 
 def main(prepared: str, policy: str, model_dir: str, metrics: str, history: str,
          curves: str) -> None:
     params = load_params()
+    # the library is imported once the params are read (common.py)
+    from pipeline.files import atomic_path, write_json
+    from pipeline.plots import training_curves
+    from pipeline.tracking import log_artifact
+    from pipeline.training.driver import RunOptions, train
+
     # The data's own record (report.json) and the policy file describe what prepare and augment
     # did; their params are not read here, so an output-neutral one (prepare.workers) re-runs nothing.
     result = train(params.train, yaml.safe_load(Path(policy).read_text()), prepared, model_dir,
