@@ -53,6 +53,17 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(skip)
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`make test`: two processes on two cores), this process's own torch
+    work runs on one thread. With two, a barrier waits for a thread the other process has
+    pushed off its core: the GPU bench smoke test took 15 s alone, and 98 to 572 s beside
+    another test. Subprocesses (stages, Ray workers) set their own threads."""
+    if hasattr(config, "workerinput"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def _heavy_modules_first(items: list) -> None:
     """`make test` hands whole modules to its two pytest processes (``--dist loadscope``: a
     module's fixtures, such as the demo project or a Ray instance, are built once), in the

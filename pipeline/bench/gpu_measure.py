@@ -8,6 +8,7 @@ import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -160,7 +161,8 @@ def scoring(cells: Path, predictor: Predictor, device: torch.device, images: int
             def run() -> int:
                 t0 = time.perf_counter()
                 n = 0
-                for px in pool.map(_decoded_at, [(p, size) for p in parts]):
+                for decoded in pool.map(partial(decode_batch, size=size, stats=False), parts):
+                    px = decoded["pixels"]
                     n += len(predictor.predict_resized(px))
                     if len(first) < 1 + repeats and n == len(px):
                         first.append(time.perf_counter() - t0)
@@ -175,12 +177,10 @@ def scoring(cells: Path, predictor: Predictor, device: torch.device, images: int
 def _decoders(workers: int) -> ProcessPoolExecutor:
     """Decoding processes (spawned: the parent holds CUDA and torch threads). An executor, not a
     ``multiprocessing.Pool``: a worker that dies raises ``BrokenProcessPool`` instead of leaving
-    the caller waiting for its results forever (seen once in a CPU smoke run)."""
+    the caller waiting for its results forever (seen once in a CPU smoke run). They run
+    ``decode_batch`` itself, so each starts by importing its light module, not this one's torch
+    and Albumentations (seconds a process; a minute on two busy cores)."""
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-
-
-def _decoded_at(args) -> np.ndarray:
-    return _decoded(*args)
 
 
 def precision(pixels: np.ndarray, predictor: Predictor, device: torch.device) -> dict[str, Any]:
@@ -215,9 +215,9 @@ def small_job(cells: Path, checkpoint: Path | None, meta: ModelMeta, n: int, dev
     inputs, _ = list_inputs(str(cells))
     inputs = inputs.iloc[:n]
     with _decoders(decode_workers) as pool:
-        parts = [(inputs.iloc[i:i + predictor.batch_size], meta.image_size)
-                 for i in range(0, n, predictor.batch_size)]
-        scored = sum(len(predictor.predict_resized(px)) for px in pool.map(_decoded_at, parts))
+        parts = [inputs.iloc[i:i + predictor.batch_size] for i in range(0, n, predictor.batch_size)]
+        decode = partial(decode_batch, size=meta.image_size, stats=False)
+        scored = sum(len(predictor.predict_resized(d["pixels"])) for d in pool.map(decode, parts))
     _sync(device)
     assert scored == n
     return time.perf_counter() - t0

@@ -131,7 +131,7 @@ def test_gpu_benchmark_smoke_runs_every_part_and_writes_the_page(tmp_path):
 @pytest.mark.slow
 def test_the_real_stages_run_in_order_and_their_figures_reach_the_page(cells_small, tmp_path):
     argv = ["--archive", str(cells_small), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "pages"),
-            "--smoke", "--parts", "stages", "scoring", "training", "--set", "prepare.image_size=32",
+            "--smoke", "--parts", "stages", "precision", "--set", "prepare.image_size=32",
             "train.epochs=2", "train.batch_size=64", "evaluate.bootstrap=50", "evaluate.gradcam_images=2"]
     main(argv)
     data = json.loads((tmp_path / "pages" / "performance-gpu.json").read_text())
@@ -145,9 +145,26 @@ def test_the_real_stages_run_in_order_and_their_figures_reach_the_page(cells_sma
     project = tmp_path / "work" / "project"
     scored = pd.read_parquet(project / "data/scores/archive.parquet")
     assert len(scored) == 235  # every cell of the archive, one row each
+    # the stages' trained model feeds the parts (scoring and training parts: the smoke test above)
+    assert data["precision"]["cells"] == 235 and data["machine"]["image_size"] == 32
     page = (tmp_path / "pages" / "performance-gpu.md").read_text()
     assert "## The real stages" in page and "| train | " in page
-    assert "of the model's own step at batch 64" in page and "of the plain GPU program's best" in page
+
+
+def test_the_real_stages_are_set_against_the_ceilings_of_the_same_run():
+    stages = {"stages": {"train": {"wall_s": 60.0, "peak_rss_mb": 900.0}}, "train_epochs": 2,
+              "train_first_epoch_s": 9.0, "train_images_per_s": 1500.0, "train_batch_size": 64,
+              "test_accuracy": 0.9, "test_roc_auc": 0.95, "score_archive_first_row_s": 12.5,
+              "score_images_per_s": {"score": 900.0, "score_archive": 2800.0}}
+    text = render({**RESULTS, "stages": stages}, "cmd")
+    # training: 1,500 of AMP's 2,000 pure steps; scoring: 2,800 of the best plain program's 3,500
+    assert ("- `train` (Ray Train, epochs after the first): 1,500 images/s, **0.75** of the model's own "
+            "step at batch 64 (2,000; goal >= 0.8).") in text
+    assert ("- `pipeline score` over the archive: 2,800 images/s, **0.80** of the plain GPU program's best "
+            "(3,500; goal >= 0.8); first row after 12.5 s") in text
+    assert "| train | 60.0 | - | - | 900.0 |" in text
+    alone = render({"machine": RESULTS["machine"], "stages": stages}, "cmd")  # no parts: no ratios
+    assert "## The real stages" in alone and "of the model's own step" not in alone
 
 
 def test_stage_commands_are_the_dvc_yaml_commands_with_params_filled_in(tmp_path):
