@@ -56,8 +56,8 @@ def pytest_collection_modifyitems(config, items) -> None:
 def pytest_configure(config) -> None:
     """Under pytest-xdist (`make test`: two processes on two cores), this process's own torch
     work runs on one thread. With two, a barrier waits for a thread the other process has
-    pushed off its core: the GPU bench smoke test took 15 s alone, and 98 to 572 s beside
-    another test. Subprocesses (stages, Ray workers) set their own threads."""
+    pushed off its core: the GPU bench smoke test took 13-15 s alone, 98 s beside another test
+    in CI and 572 s beside a training run. Subprocesses (stages, Ray workers) set their own threads."""
     if hasattr(config, "workerinput"):
         import torch
 
