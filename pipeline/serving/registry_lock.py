@@ -1,5 +1,7 @@
 """One writer at a time per registered model: a lock that is itself a registered model
-(``<name>.register-lock``), whose creation is atomic in every MLflow store."""
+(``<name>.register-lock``), whose creation is atomic in MLflow's database stores (sqlite,
+PostgreSQL, MySQL, and a tracking server over one). MLflow's file store checks the name, then
+creates it: two registers starting in the same instant could both pass there."""
 
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ def registry_lock(name: str, timeout_s: float = 600.0, stale_s: float = 3600.0,
                   on_busy: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold the registry's lock on model ``name`` (a registered model ``<name>.register-lock``).
 
-    Creating a registered model is atomic in every MLflow store (a unique name), so this is
-    a mutex across processes and machines that share the tracking server. A lock older
+    Creating a registered model is atomic in a database store (a unique name), so this is a
+    mutex across processes and machines that share the tracking server. A lock older
     than ``stale_s`` (its holder died) is broken. ``on_busy`` (a test hook) is called each
     time the lock is found held by another register, before this one waits for it.
     """
@@ -43,6 +45,10 @@ def registry_lock(name: str, timeout_s: float = 600.0, stale_s: float = 3600.0,
                                            "runs; delete it only if none is running")
             break
         except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                # On a name conflict MLflow reads the existing model back; the holder released
+                # it in between (seen in CI): the lock is free, so try again at once.
+                continue
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         if on_busy is not None:

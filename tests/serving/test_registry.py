@@ -244,3 +244,28 @@ def test_two_registers_racing_record_both_and_crown_the_better(model_uris, slow_
     champion = client.get_model_version_by_alias(name, "champion")
     assert str(champion.version) == results["better"].version
     assert not client.search_registered_models(f"name='{name}{LOCK_SUFFIX}'")  # released
+
+
+def test_a_lock_released_while_mlflow_reads_the_conflict_back_is_taken_at_once(tracking_uri, monkeypatch):
+    """MLflow's create_registered_model reads the existing model back after a name conflict;
+    if the holder deleted it in between, MLflow says RESOURCE_DOES_NOT_EXIST. The lock is free
+    then: the waiter takes it, without an error and without counting it as busy."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from pipeline.serving.registry_lock import registry_lock
+
+    create, calls = mlflow.MlflowClient.create_registered_model, []
+
+    def released_in_between(self, name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 1:
+            raise MlflowException(f"Registered Model with name={name} not found", RESOURCE_DOES_NOT_EXIST)
+        return create(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "create_registered_model", released_in_between)
+    busy = []
+    with registry_lock("released-race", on_busy=lambda: busy.append(1)):
+        assert mlflow.MlflowClient().get_registered_model(f"released-race{LOCK_SUFFIX}")
+    assert calls == [f"released-race{LOCK_SUFFIX}"] * 2 and not busy
+    assert not mlflow.MlflowClient().search_registered_models(f"name='released-race{LOCK_SUFFIX}'")
