@@ -131,8 +131,14 @@ def _forward_rate(model, meta: ModelMeta, batches, device, dtype: torch.dtype | 
     return rate(run, device, repeats)
 
 
-def _decoded(part, size: int):
-    return decode_batch(part, size, stats=False)["pixels"]
+def _decoder(size: int) -> Callable[[Any], dict[str, np.ndarray]]:
+    """``decode_batch`` at ``size``, without the reject statistics: picklable to a spawned
+    decoding process, which then imports only its light module."""
+    return partial(decode_batch, size=size, stats=False)
+
+
+def _decoded(part, size: int) -> np.ndarray:
+    return _decoder(size)(part)["pixels"]
 
 
 def scoring(cells: Path, predictor: Predictor, device: torch.device, images: int,
@@ -161,7 +167,7 @@ def scoring(cells: Path, predictor: Predictor, device: torch.device, images: int
             def run() -> int:
                 t0 = time.perf_counter()
                 n = 0
-                for decoded in pool.map(partial(decode_batch, size=size, stats=False), parts):
+                for decoded in pool.map(_decoder(size), parts):
                     px = decoded["pixels"]
                     n += len(predictor.predict_resized(px))
                     if len(first) < 1 + repeats and n == len(px):
@@ -178,8 +184,8 @@ def _decoders(workers: int) -> ProcessPoolExecutor:
     """Decoding processes (spawned: the parent holds CUDA and torch threads). An executor, not a
     ``multiprocessing.Pool``: a worker that dies raises ``BrokenProcessPool`` instead of leaving
     the caller waiting for its results forever (seen once in a CPU smoke run). They run
-    ``decode_batch`` itself, so each starts by importing its light module, not this one's torch
-    and Albumentations (seconds a process; a minute on two busy cores)."""
+    :func:`_decoder`, so each imports ``decode_batch``'s light module, not this one's torch and
+    Albumentations (seconds a process; a minute on two busy cores)."""
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
@@ -216,8 +222,8 @@ def small_job(cells: Path, checkpoint: Path | None, meta: ModelMeta, n: int, dev
     inputs = inputs.iloc[:n]
     with _decoders(decode_workers) as pool:
         parts = [inputs.iloc[i:i + predictor.batch_size] for i in range(0, n, predictor.batch_size)]
-        decode = partial(decode_batch, size=meta.image_size, stats=False)
-        scored = sum(len(predictor.predict_resized(d["pixels"])) for d in pool.map(decode, parts))
+        decoded = pool.map(_decoder(meta.image_size), parts)
+        scored = sum(len(predictor.predict_resized(d["pixels"])) for d in decoded)
     _sync(device)
     assert scored == n
     return time.perf_counter() - t0

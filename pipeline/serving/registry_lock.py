@@ -45,17 +45,18 @@ def registry_lock(name: str, timeout_s: float = 600.0, stale_s: float = 3600.0,
                                            "runs; delete it only if none is running")
             break
         except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                # On a name conflict MLflow reads the existing model back; the holder released
-                # it in between (seen in CI): the lock is free, so try again at once.
-                continue
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
-        if on_busy is not None:
+            # On a name conflict MLflow reads the existing model back; "does not exist" means
+            # the holder released it in between (seen in CI): free, so try again at once.
+            released = exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+        if on_busy is not None and not released:
             on_busy()
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline:  # bounds the immediate retries too
             raise RegistryBusy(f"registered model '{lock}' has been held for over {timeout_s:g} s "
                                "by another register; if none is running, delete it in the MLflow UI")
+        if released:
+            continue
         if _stale(client, lock, stale_s):
             with contextlib.suppress(MlflowException):  # another waiter may break it first
                 client.delete_registered_model(lock)
