@@ -131,8 +131,7 @@ class TrainConfig(Checked):
     RANGES = {"top_blocks": (0, None), "backbone_lr_factor": (0.0, None), "epochs": (1, None),
               "batch_size": (1, None), "lr": (1e-12, None), "momentum": (0.0, 0.999),
               "weight_decay": (0.0, None), "warmup_epochs": (0, None), "step_size": (1, None),
-              "gamma": (1e-6, 1.0), "label_smoothing": (0.0, 0.99),
-              "early_stopping_patience": (0, None),
+              "gamma": (1e-6, 1.0), "label_smoothing": (0.0, 0.99), "early_stopping_patience": (0, None),
               "loader_workers": (-1, None), "cpus_per_worker": (0.01, None), "max_failures": (-1, None)}
 
     model: str = "efficientnet_lite0"
@@ -152,6 +151,7 @@ class TrainConfig(Checked):
     gamma: float = 0.1  # step scheduler: decay factor
     label_smoothing: float = 0.0
     class_weights: bool = False  # balanced class weights in the loss
+    stain_norm: bool = False  # each cell's colours matched to the training cells' (pipeline.data.stain)
     early_stopping_patience: int = 0  # epochs without val_loss improvement; 0 = off
     amp: bool = True  # mixed precision, on CUDA only
     system_metrics: bool = True  # MLflow CPU/memory/GPU metrics of the driver node

@@ -66,6 +66,8 @@ def test_dvc_repro_runs_every_stage_on_real_cells(cells_small, tmp_path):
     run_id = json.loads((project / "models/train.json").read_text())["run_id"]
     run = client.get_run(run_id)
     assert {"train_loss", "val_loss", "val_acc", "test_accuracy", "test_roc_auc"} <= set(run.data.metrics)
+    evaluated = json.loads((project / "metrics/evaluate.json").read_text())
+    assert run.data.metrics["test_tta"] == float(evaluated["tta"])  # validate scores as evaluate did
     assert run.data.params["train.model"] == "efficientnet_lite0"
     assert run.info.run_name == "workspace/efficientnet_lite0-finetune_all-32px-1ep"
     note = run.data.tags["mlflow.note.content"]

@@ -165,7 +165,7 @@ def _log_to_mlflow(run_id: str, metrics: dict, files: list[Path], report: Path) 
         note = run.data.tags.get(run_notes.NOTE_TAG)
         if note:
             mlflow.set_tag(run_notes.NOTE_TAG, run_notes.with_test_figures(note, metrics))
-        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()
-                            if isinstance(v, float) and np.isfinite(v)})
+        mlflow.log_metrics({f"test_{k}": float(v) for k, v in metrics.items()  # tta: 1.0 or 0.0
+                            if isinstance(v, (bool, float)) and np.isfinite(v)})
         for path, folder in artifact_dirs(files, report).items():
             mlflow.log_artifact(str(path), artifact_path=folder)

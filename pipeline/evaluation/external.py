@@ -77,7 +77,7 @@ def validate(cfg: ValidateConfig, model_uri: str, out_dir: str | Path, spec: Dat
         raise UserError(f"{archive} not found: give the zip of the new patients' labelled cells")
     setup_mlflow()
     model = model_under_test(model_uri)
-    predictor = Predictor.from_checkpoint(model.checkpoint)
+    predictor = Predictor.from_checkpoint(model.checkpoint, tta=model.tta)
     classes = list(predictor.meta.class_names)
     if len(classes) != 2 or positive_class not in classes:
         raise ConfigError(f"evaluate.positive_class {positive_class!r} is not one of the two classes "

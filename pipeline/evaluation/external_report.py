@@ -44,6 +44,7 @@ class ModelUnderTest:
     threshold: float  # the operating point (0.5 when the run has none)
     threshold_note: str  # where it came from
     trained_on: frozenset[str]  # its training (and validation) patients
+    tta: bool = False  # scored with test-time augmentation, as evaluate scored it
 
 
 def model_under_test(model_uri: str) -> ModelUnderTest:
@@ -65,8 +66,9 @@ def model_under_test(model_uri: str) -> ModelUnderTest:
         raise UserError(f"cannot validate {mv.name} v{mv.version} externally: {exc}") from None
     run = client.get_run(mv.run_id)
     threshold, note = operating_threshold(run.data.metrics)
-    return ModelUnderTest(mv.name, str(mv.version), mv.run_id, run.info.experiment_id,
-                          checkpoint_of(resolved.uri), threshold, note, frozenset(trained_on))
+    tta = bool(run.data.metrics.get("test_tta", 0.0))  # the operating point's probabilities had it
+    return ModelUnderTest(mv.name, str(mv.version), mv.run_id, run.info.experiment_id, checkpoint_of(resolved.uri),
+                          threshold, note + ("; TTA on, as evaluate had it" if tta else ""), frozenset(trained_on), tta)
 
 
 def operating_threshold(run_metrics: dict[str, float]) -> tuple[float, str]:

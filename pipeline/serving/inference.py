@@ -14,6 +14,7 @@ from torch import nn
 
 from pipeline.data.augment import tta_views
 from pipeline.data.images import resize
+from pipeline.data.stain import match_stain
 from pipeline.models import create_model, head_of
 from pipeline.serving.screening import (
     InputLimits,
@@ -34,6 +35,7 @@ class ModelMeta:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    stain: tuple[float, ...] = ()  # train.stain_norm's reference (pipeline.data.stain); () = off
 
 
 def to_tensor(batch: np.ndarray | torch.Tensor, meta: ModelMeta, device: torch.device | str = "cpu",
@@ -42,6 +44,8 @@ def to_tensor(batch: np.ndarray | torch.Tensor, meta: ModelMeta, device: torch.d
     if not isinstance(batch, torch.Tensor):  # a writable copy: batches may be read-only mmaps
         batch = torch.from_numpy(np.array(batch, dtype=np.uint8))
     x = batch.to(device).permute(0, 3, 1, 2).float()
+    if meta.stain:
+        x = match_stain(x, meta.stain)
     mean = torch.tensor(meta.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(meta.std, device=device).view(1, 3, 1, 1) * 255.0
     x = (x - mean) / std
@@ -73,7 +77,7 @@ def model_from(state: dict[str, Any], device: str = "cpu") -> tuple[nn.Module, M
     """The model and its metadata from a checkpoint's contents, in eval mode."""
     m = state["meta"]
     meta = ModelMeta(m["model"], tuple(m["class_names"]), int(m["image_size"]),
-                     tuple(m["mean"]), tuple(m["std"]))
+                     tuple(m["mean"]), tuple(m["std"]), tuple(m.get("stain", ())))
     model = create_model(meta.model, len(meta.class_names), pretrained=False)
     model.load_state_dict(state["model"])
     model.to(device).eval()

@@ -21,6 +21,7 @@ import pandas as pd
 from pipeline.cluster import fit_training, init_ray
 from pipeline.config import TrainConfig, UserError, flatten
 from pipeline.data.prepared import PreparedData, Split
+from pipeline.data.stain import stain_reference
 from pipeline.files import atomic_path
 from pipeline.models import model_info
 from pipeline.serving.inference import ModelMeta, attach_reject_option
@@ -100,7 +101,8 @@ def train(cfg: TrainConfig, policy: dict[str, Any], prepared: str | Path, out_di
 def _meta(cfg: TrainConfig, data: PreparedData) -> ModelMeta:
     """What a checkpoint records about its model: name, classes, image size, normalisation."""
     info = model_info(cfg.model)
-    return ModelMeta(cfg.model, tuple(data.class_names), data.image_size, info.mean, info.std)
+    stain = stain_reference(data.split("train").images) if cfg.stain_norm else ()
+    return ModelMeta(cfg.model, tuple(data.class_names), data.image_size, info.mean, info.std, stain)
 
 
 def _run_params(cfg: TrainConfig, policy: dict[str, Any], options: RunOptions) -> dict[str, Any]:

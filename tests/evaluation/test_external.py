@@ -31,8 +31,9 @@ CFG = ValidateConfig(bootstrap=200)
 
 @pytest.fixture(scope="module")
 def versions(tracking_uri, reject_checkpoint) -> dict[str, str]:
-    """Two versions of one registered model with the reject option: ``with_record`` trained on
-    :data:`TRAINED` (its run records them and an operating point), ``without_record`` records neither."""
+    """Three versions of one registered model with the reject option: ``with_record`` trained on
+    :data:`TRAINED` (its run records them and an operating point), ``without_record`` records
+    neither, ``with_tta`` is ``with_record`` evaluated with test-time augmentation."""
     from pipeline.data.synthetic import synthetic_cell
     from pipeline.serving.pyfunc import log_model
 
@@ -41,12 +42,14 @@ def versions(tracking_uri, reject_checkpoint) -> dict[str, str]:
     experiment_id = experiment.experiment_id if experiment else client.create_experiment("external-tests")
     example = synthetic_cell(np.random.default_rng(0), True, 64)
     out = {}
-    for key in ("with_record", "without_record"):
+    for key in ("with_record", "without_record", "with_tta"):
         with mlflow.start_run(experiment_id=experiment_id) as run:
             uri = log_model(reject_checkpoint, example, (POSITIVE, "Uninfected"))
-            if key == "with_record":
+            if key != "without_record":
                 mlflow.log_metric("test_operating_threshold", THRESHOLD)
                 mlflow.log_dict({"groups": TRAINED}, TRAIN_GROUPS_ARTIFACT)
+            if key == "with_tta":  # evaluate logs its evaluate.tta so
+                mlflow.log_metric("test_tta", 1.0)
         out[key] = str(mlflow.register_model(uri, NAME).version)
         out[f"{key}_experiment"] = run.info.experiment_id
     client.update_model_version(NAME, out["with_record"], description="Registered by the test.")
@@ -132,6 +135,24 @@ def test_validate_reports_figures_counts_unanswered_cells_as_errors_and_records_
     assert description.startswith("Registered by the test.\n\nExternal validation on new_patients.zip "
                                   f"(10 patients, {len(cells)} cells, ")
     assert description.endswith(f"; run {result.run_id}") and result.description in description
+
+
+def test_a_model_evaluated_with_tta_is_validated_with_tta(versions, cells_small, reject_checkpoint, tmp_path):
+    from pipeline.data.images import load_rgb
+    from pipeline.serving.inference import Predictor
+
+    plain = run_validate(cells_small, versions["with_record"], tmp_path / "plain", exclude_overlap=True)
+    tta = run_validate(cells_small, versions["with_tta"], tmp_path / "tta", exclude_overlap=True)
+    assert tta.figures["about"]["threshold_note"].endswith("; TTA on, as evaluate had it")
+    assert "TTA" not in plain.figures["about"]["threshold_note"]
+    cells = pd.read_parquet(tmp_path / "tta" / "cells.parquet").query("status == 'ok'").head(8)
+    with zipfile.ZipFile(cells_small) as z:
+        images = [load_rgb(z.read(p)) for p in cells["path"]]
+    predictor = Predictor.from_checkpoint(reject_checkpoint)
+    expected = predictor.predict(images, tta=True)[:, predictor.meta.class_names.index(POSITIVE)]
+    assert cells["p_model"].to_numpy() == pytest.approx(expected, abs=1e-5)
+    untouched = pd.read_parquet(tmp_path / "plain" / "cells.parquet").set_index("path").loc[cells["path"]]
+    assert np.abs(untouched["p_model"].to_numpy() - expected).max() > 1e-4  # the two differ
 
 
 def test_training_patients_in_the_archive_are_refused_by_default(versions, archive, tmp_path):
