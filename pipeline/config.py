@@ -187,7 +187,7 @@ class EvaluateConfig(Checked):
               "bootstrap": (1, None), "ci_level": (0.5, 0.999), "gradcam_images": (0, None)}
 
     batch_size: int = 64
-    tta: bool = False  # mean probability over the 8 flips/rotations
+    tta: bool = True  # mean probability over the 8 flips/rotations
     positive_class: str = "Parasitized"
     target_sensitivity: float = 0.97  # operating point, chosen on the validation split
     patient_threshold: float = 0.1  # share of a patient's cells called positive to diagnose
@@ -228,7 +228,7 @@ class ScoreConfig(Checked):
     local_max_images: int = 1_000_000  # up to this many and no cluster: in this process (faster, docs/performance.md)
     decode: str = "auto"  # auto: in the actors on CPU, separate tasks for GPU actors | actor | tasks
     use_gpu: bool = False  # one GPU per actor
-    tta: bool = False  # mean probability over the 8 flips/rotations
+    tta: bool = True  # mean probability over the 8 flips/rotations
     ood_threshold: float = 0.0  # reject above this out-of-distribution score; 0: the model's own
 
 

@@ -67,7 +67,7 @@ again on all of them (median of {len(plain['runs'])}); the fastest of those is t
 |---|---|---|
 {screened}
 
-`score` runs with its defaults (engine: {sc['score_engine']}: "local" is in-process, "ray" is
+`score` runs with its defaults, TTA off as in the plain program (engine: {sc['score_engine']}: "local" is in-process, "ray" is
 Ray Data's actors); its rate counts from the model's load, after one run that warms up
 (median of {len(sc['score_runs'])} runs: {", ".join(map(str, sc['score_runs']))}). Through Ray Data
 instead (`score.local_max_images: 0`, Ray already running): {sc['ray_data_images_per_s']} images/s.

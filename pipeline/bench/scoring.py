@@ -119,10 +119,11 @@ def best_plain(predictor, inputs: pd.DataFrame, screen: int, finalists: int,
 
 
 def score_cold(model_uri: str, source: str, work: Path) -> dict[str, float]:
-    """``pipeline score`` with its defaults in a fresh process: wall time, Ray's start included."""
+    """``pipeline score`` with its defaults (TTA off, as the plain program) in a fresh process:
+    wall time, Ray's start included."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pipeline", "score", "--input", source, "--model",
-                           model_uri, "--output", str(work / "cold.parquet")],
+                           model_uri, "--output", str(work / "cold.parquet"), "--no-tta"],
                           capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"pipeline score failed:\n{proc.stderr[-2000:]}")
@@ -132,7 +133,8 @@ def score_cold(model_uri: str, source: str, work: Path) -> dict[str, float]:
 def scoring(model_uri: str, source: Path, repeats: int, work: Path, screen: int = 2000,
             finalists: int = 3) -> dict[str, Any]:
     """``score`` with its defaults against the best plain layout, on the same images (a zip or
-    folder of real cells): each score run after the first has Ray up; start-up apart."""
+    folder of real cells): each score run after the first has Ray up; start-up apart. TTA is
+    off in both: the comparison is of the engines, one forward pass an image."""
     from pipeline.config import ScoreConfig
     from pipeline.serving.score import score
     from pipeline.serving.score_inputs import list_inputs
@@ -142,7 +144,7 @@ def scoring(model_uri: str, source: Path, repeats: int, work: Path, screen: int 
     predictor = load_predictor(model_uri)
     plain = best_plain(predictor, inputs, min(screen, len(inputs)), finalists, repeats)
     torch.set_num_threads(cores())
-    cfg = ScoreConfig(input=str(source))
+    cfg = ScoreConfig(input=str(source), tta=False)
     runs = [score(cfg, model_uri, work / "scores.parquet") for _ in range(repeats + 1)]
     pipe = statistics.median(r.images_per_s for r in runs[1:])  # the first warms up: apart
     ray_data = score(replace(cfg, local_max_images=0), model_uri, work / "scores_ray.parquet")
@@ -166,7 +168,7 @@ def small_job(model_uri: str, prepared: Path, sizes: tuple[int, ...], work: Path
         for name, local in (("ray", 0), ("in_process", n)):
             code = ("import json,sys,time;t=time.perf_counter();from pipeline.config import ScoreConfig;"
                     "from pipeline.serving.score import score;"
-                    f"r=score(ScoreConfig(input={str(work / f'small{n}')!r},local_max_images={local}),"
+                    f"r=score(ScoreConfig(input={str(work / f'small{n}')!r},local_max_images={local},tta=False),"
                     f"{model_uri!r},{str(work / f'small_{name}.parquet')!r});"
                     "print(json.dumps({'wall_s':time.perf_counter()-t,'first_row_s':r.first_row_s,"
                     "'engine':r.engine}))")

@@ -20,6 +20,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from pipeline.config import ScoreConfig
 from pipeline.data.images import resize
 from pipeline.imports import PACKAGE, PACKAGE_DIR, module_closure, module_file
 from pipeline.serving.predictions import score_rows
@@ -34,7 +35,7 @@ INPUT_COLUMN = "image"
 CONTRACT = """\
 | entry point | accepts | returns / refuses |
 |---|---|---|
-| `mlflow.pyfunc.load_model(uri).predict(df)` and `mlflow models serve` | a DataFrame with one column `image` of encoded image bytes (any format Pillow reads: PNG, JPEG, TIFF incl. 16-bit and float, BMP, WebP, GIF: the first frame of a multi-frame file; over REST base64 strings in JSON, decoded by MLflow from the signature); params `tta` (bool, default false) and `ood_threshold` (float, default 0: the model's own) | one row per image: `predicted_label`, `probability`, `prob_<class>`, `status` (`ok`, `rejected`, `error`), `reason`, `ood_score`, `error`; only `ok` rows carry a label and probabilities: an image the input checks refuse (size or aspect far outside the training cells', mostly transparent, near-uniform) or whose out-of-distribution score passes the model's threshold is `rejected` with the reason, bytes that are not a readable image are `error`; anything else (no `image` column, values that are not bytes, arrays, paths, None) is refused as a whole, by MLflow's signature check or with an error that says what to pass (HTTP 400 over REST) |
+| `mlflow.pyfunc.load_model(uri).predict(df)` and `mlflow models serve` | a DataFrame with one column `image` of encoded image bytes (any format Pillow reads: PNG, JPEG, TIFF incl. 16-bit and float, BMP, WebP, GIF: the first frame of a multi-frame file; over REST base64 strings in JSON, decoded by MLflow from the signature); params `tta` (bool, default true, as `score.tta`: the validated figures had it; false: 8x faster) and `ood_threshold` (float, default 0: the model's own) | one row per image: `predicted_label`, `probability`, `prob_<class>`, `status` (`ok`, `rejected`, `error`), `reason`, `ood_score`, `error`; only `ok` rows carry a label and probabilities: an image the input checks refuse (size or aspect far outside the training cells', mostly transparent, near-uniform) or whose out-of-distribution score passes the model's threshold is `rejected` with the reason, bytes that are not a readable image are `error`; anything else (no `image` column, values that are not bytes, arrays, paths, None) is refused as a whole, by MLflow's signature check or with an error that says what to pass (HTTP 400 over REST) |
 | `load_model(uri).unwrap_python_model().predict_arrays(images)` | decoded images: a list of `HxWx3` uint8 RGB arrays, or one `NxHxWx3` uint8 batch | the same table, through the same checks; a single 3-D array, float arrays, other channel counts, None or a string are refused with an error that says what to pass |
 """
 
@@ -112,7 +113,7 @@ def signature(class_names: Sequence[str]):
                ColSpec(DataType.string, "error", required=False)]
     return ModelSignature(inputs=Schema([ColSpec(DataType.binary, INPUT_COLUMN)]),
                           outputs=Schema(outputs),
-                          params=ParamSchema([ParamSpec("tta", DataType.boolean, False),
+                          params=ParamSchema([ParamSpec("tta", DataType.boolean, ScoreConfig.tta),
                                               ParamSpec("ood_threshold", DataType.double, 0.0)]))
 
 
@@ -133,10 +134,10 @@ class CellClassifier(mlflow.pyfunc.PythonModel):
         p = self.predictor
         pixels, errors, rejects = decode_encoded(model_input[INPUT_COLUMN], p.meta.image_size, p.limits)
         params = params or {}
-        return score_rows(p, pixels, errors, rejects, bool(params.get("tta", False)),
+        return score_rows(p, pixels, errors, rejects, bool(params.get("tta", ScoreConfig.tta)),
                           float(params.get("ood_threshold") or 0) or None)
 
-    def predict_arrays(self, images: Any, tta: bool = False, ood_threshold: float | None = None
+    def predict_arrays(self, images: Any, tta: bool = ScoreConfig.tta, ood_threshold: float | None = None
                        ) -> pd.DataFrame:
         """Decoded images (see :func:`check_arrays`) to one row per image, through the same
         checks and reject option as encoded ones."""
