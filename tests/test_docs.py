@@ -121,6 +121,9 @@ FIGURES = [
     (r"ROC AUC (\d\.\d+), (\d\.\d+), (\d\.\d+)\. Cells", EXTERNAL,
      [(f"seeds.{seed}.cells_at_threshold.roc_auc.value", "{:.3f}") for seed in (42, 43, 44)]),
     (r"the pool's report half, ([\d,]+) cells", EXTERNAL, [("seeds.42.cells", "{:,}")]),
+    (r"at the operating point: " + ", ".join([r"(\d\.\d+) / (\d\.\d+)"] * 3) + r"\.", EXTERNAL,
+     [(f"seeds.{seed}.cells_at_operating_point.{m}.value", "{:.3f}")
+      for seed in (42, 43, 44) for m in ("sensitivity", "specificity")]),
 ]
 # Properties of the published data, not measurements: they need no JSON.
 DATA_FACTS = ("353 MB", "69.6 MB")
