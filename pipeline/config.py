@@ -23,8 +23,7 @@ from pipeline.typedconfig import (  # noqa: F401
 
 # The allowed values of every enum-like param; the modules that implement them use these.
 REGIMES = ("scratch", "feature_extract", "finetune_top", "finetune_all")
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULERS = ("cosine", "step", "constant")
+OPTIMIZERS, SCHEDULERS, KEEP = ("adamw", "sgd"), ("cosine", "step", "constant"), ("best", "last")
 AUGMENT_PRESETS = ("custom", "none", "light", "strong")
 PROBABILITY = (0.0, 1.0)
 
@@ -127,7 +126,7 @@ class TrainConfig(Checked):
 
     SECTION = "train"
     # "model" is checked in __post_init__: our own names need no torchvision import (seconds)
-    CHOICES = {"regime": REGIMES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS}
+    CHOICES = {"regime": REGIMES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "keep": KEEP}
     RANGES = {"top_blocks": (0, None), "backbone_lr_factor": (0.0, None), "epochs": (1, None),
               "batch_size": (1, None), "lr": (1e-12, None), "momentum": (0.0, 0.999),
               "weight_decay": (0.0, None), "warmup_epochs": (0, None), "step_size": (1, None),
@@ -153,6 +152,7 @@ class TrainConfig(Checked):
     class_weights: bool = False  # balanced class weights in the loss
     stain_norm: bool = False  # each cell's colours matched to the training cells' (pipeline.data.stain)
     early_stopping_patience: int = 0  # epochs without val_loss improvement; 0 = off
+    keep: str = "best"  # the model: best (lowest val_loss) | last (the final epoch's)
     amp: bool = True  # mixed precision, on CUDA only
     system_metrics: bool = True  # MLflow CPU/memory/GPU metrics of the driver node
     # Ray Train workers, or "auto": one per GPU with use_gpu, else one per cpus_per_worker of the

@@ -93,7 +93,7 @@ def train(cfg: TrainConfig, policy: dict[str, Any], prepared: str | Path, out_di
                               _to_object_store(data.split("train")), _to_object_store(data.split("val")))
         result = _trainer(cfg, store, worker).fit()
         _raise_if_diverged(run.info.run_id, store, cfg)
-        outcome = _finish(result, Path(out_dir), data, run.info.run_id, options.register_model)
+        outcome = _finish(result, Path(out_dir), data, run.info.run_id, options.register_model, cfg.keep)
     store.delete()  # the run finished: a later run with the same settings starts afresh
     return outcome
 
@@ -180,11 +180,12 @@ def _raise_if_diverged(run_id: str, store: RunStore, cfg: TrainConfig) -> None:
                                f"train.lr (now {cfg.lr:g}) or check the data, then run again")
 
 
-def _finish(result, out_dir: Path, data: PreparedData, run_id: str, register_model: bool) -> TrainResult:
-    """The best checkpoint to ``out_dir``, its figures and (if asked) the MLflow model logged."""
+def _finish(result, out_dir: Path, data: PreparedData, run_id: str, register_model: bool,
+            keep: str) -> TrainResult:
+    """The kept checkpoint to ``out_dir``, its figures and (if asked) the MLflow model logged."""
     import mlflow
 
-    best = _best_checkpoint(result, out_dir / MODEL_FILE)
+    best = _kept_checkpoint(result, out_dir / MODEL_FILE, keep)
     train, val = data.split("train"), data.split("val")
     rows = data.rows("train")
     ood = attach_reject_option(out_dir / MODEL_FILE, train.images, train.labels, val.images,
@@ -196,14 +197,16 @@ def _finish(result, out_dir: Path, data: PreparedData, run_id: str, register_mod
     mlflow.log_artifact(str(out_dir / MODEL_FILE), artifact_path="checkpoint")
     model_uri = (log_model(out_dir / MODEL_FILE, np.asarray(train.images[0]), data.class_names)
                  if register_model else "")
-    log.info("best epoch %d: val_loss %.4f val_acc %.4f", best["epoch"], best["val_loss"],
+    log.info("kept epoch %d: val_loss %.4f val_acc %.4f", best["epoch"], best["val_loss"],
              best["val_acc"])
     return TrainResult(out_dir / MODEL_FILE, run_id, model_uri, int(best["epoch"]), run_history(run_id))
 
 
-def _best_checkpoint(result, dest: Path) -> dict[str, Any]:
-    """Copy the weights of the lowest-val_loss checkpoint to ``dest``; return its metrics."""
-    best_ckpt, best = min(result.best_checkpoints, key=lambda c: c[1]["val_loss"])
+def _kept_checkpoint(result, dest: Path, keep: str) -> dict[str, Any]:
+    """Copy the weights of the lowest-val_loss checkpoint (``keep`` "best") or of the last
+    epoch's (``"last"``; Ray always keeps the latest) to ``dest``; return its metrics."""
+    best_ckpt, best = (min(result.best_checkpoints, key=lambda c: c[1]["val_loss"]) if keep == "best"
+                       else (result.checkpoint, result.metrics))
     dest.parent.mkdir(parents=True, exist_ok=True)
     with best_ckpt.as_directory() as d, atomic_path(dest) as tmp:
         shutil.copyfile(Path(d) / MODEL_FILE, tmp)

@@ -58,7 +58,7 @@ def _first_checkpoint(storage: Path, timeout: float = 300, proc=None) -> None:
 
 def test_worker_killed_mid_run_restarts_from_checkpoint_and_finishes(
         prepared_medium, tmp_path, tracking_uri, ray_local):
-    cfg = _cfg(tmp_path, epochs=3)
+    cfg = _cfg(tmp_path, epochs=3, keep="last")  # the restarted run's final epoch is the model
     killed: list[tuple[int, float]] = []
 
     def kill_one_worker() -> None:
@@ -74,7 +74,7 @@ def test_worker_killed_mid_run_restarts_from_checkpoint_and_finishes(
     assert killed, "no worker was killed"
     pid, when = killed[0]
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert result.history["epoch"].tolist() == [1, 2, 3]
+    assert result.history["epoch"].tolist() == [1, 2, 3] and result.best_epoch == 3
     last = mlflow.MlflowClient().get_metric_history(result.run_id, "val_loss")[-1]
     assert last.step == 3 and last.timestamp / 1000 > when  # training went on after the kill
     assert result.model_path.is_file()
