@@ -152,7 +152,7 @@ class TrainConfig(Checked):
     class_weights: bool = False  # balanced class weights in the loss
     stain_norm: bool = False  # each cell's colours matched to the training cells' (pipeline.data.stain)
     early_stopping_patience: int = 0  # epochs without val_loss improvement; 0 = off
-    keep: str = "best"  # the model: best (lowest val_loss) | last (the final epoch's)
+    keep: str = "last"  # the model: last (the final epoch's) | best (lowest val_loss)
     amp: bool = True  # mixed precision, on CUDA only
     system_metrics: bool = True  # MLflow CPU/memory/GPU metrics of the driver node
     # Ray Train workers, or "auto": one per GPU with use_gpu, else one per cpus_per_worker of the
