@@ -2,7 +2,7 @@
 
 :func:`train` reads like Ray Train's own examples: the data goes into Ray's object store, one
 MLflow run is opened (a context manager that ends it FINISHED or FAILED), a ``TorchTrainer``
-runs :func:`pipeline.training.worker.train_loop_per_worker` on each worker, and the best
+runs :func:`pipeline.training.worker.train_loop_per_worker` on each worker, and the kept
 checkpoint comes back as the result.
 """
 
@@ -63,7 +63,7 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Where the best model went and how training went."""
+    """Where the kept model went and how training went."""
 
     model_path: Path
     run_id: str
@@ -74,7 +74,7 @@ class TrainResult:
 
 def train(cfg: TrainConfig, policy: dict[str, Any], prepared: str | Path, out_dir: str | Path,
           experiment: str, options: RunOptions = RunOptions()) -> TrainResult:
-    """Train ``cfg.model`` on ``prepared`` with Ray Train; best checkpoint → ``out_dir``.
+    """Train ``cfg.model`` on ``prepared`` with Ray Train; kept checkpoint (``cfg.keep``) → ``out_dir``.
 
     ``policy`` is the Albumentations policy in its serialised form
     (:func:`pipeline.data.augment.policy`, or the file the ``augment`` stage wrote).
@@ -185,29 +185,29 @@ def _finish(result, out_dir: Path, data: PreparedData, run_id: str, register_mod
     """The kept checkpoint to ``out_dir``, its figures and (if asked) the MLflow model logged."""
     import mlflow
 
-    best = _kept_checkpoint(result, out_dir / MODEL_FILE, keep)
+    kept = _kept_checkpoint(result, out_dir / MODEL_FILE, keep)
     train, val = data.split("train"), data.split("val")
     rows = data.rows("train")
     ood = attach_reject_option(out_dir / MODEL_FILE, train.images, train.labels, val.images,
                                InputLimits.of(rows["width"].to_numpy(), rows["height"].to_numpy()))
-    mlflow.log_metrics({"best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
-                        "best_val_acc": best["val_acc"],
+    mlflow.log_metrics({"best_epoch": kept["epoch"], "best_val_loss": kept["val_loss"],  # names kept
+                        "best_val_acc": kept["val_acc"],
                         "ood_threshold_features": ood.features.threshold,
                         "ood_threshold_appearance": ood.appearance.threshold})
     mlflow.log_artifact(str(out_dir / MODEL_FILE), artifact_path="checkpoint")
     model_uri = (log_model(out_dir / MODEL_FILE, np.asarray(train.images[0]), data.class_names)
                  if register_model else "")
-    log.info("kept epoch %d: val_loss %.4f val_acc %.4f", best["epoch"], best["val_loss"],
-             best["val_acc"])
-    return TrainResult(out_dir / MODEL_FILE, run_id, model_uri, int(best["epoch"]), run_history(run_id))
+    log.info("kept epoch %d: val_loss %.4f val_acc %.4f", kept["epoch"], kept["val_loss"],
+             kept["val_acc"])
+    return TrainResult(out_dir / MODEL_FILE, run_id, model_uri, int(kept["epoch"]), run_history(run_id))
 
 
 def _kept_checkpoint(result, dest: Path, keep: str) -> dict[str, Any]:
     """Copy the weights of the lowest-val_loss checkpoint (``keep`` "best") or of the last
     epoch's (``"last"``; Ray always keeps the latest) to ``dest``; return its metrics."""
-    best_ckpt, best = (min(result.best_checkpoints, key=lambda c: c[1]["val_loss"]) if keep == "best"
-                       else (result.checkpoint, result.metrics))
+    checkpoint, metrics = (min(result.best_checkpoints, key=lambda c: c[1]["val_loss"]) if keep == "best"
+                           else (result.checkpoint, result.metrics))
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with best_ckpt.as_directory() as d, atomic_path(dest) as tmp:
+    with checkpoint.as_directory() as d, atomic_path(dest) as tmp:
         shutil.copyfile(Path(d) / MODEL_FILE, tmp)
-    return best
+    return metrics

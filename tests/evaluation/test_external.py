@@ -48,7 +48,7 @@ def versions(tracking_uri, reject_checkpoint) -> dict[str, str]:
             if key != "without_record":
                 mlflow.log_metric("test_operating_threshold", THRESHOLD)
                 mlflow.log_dict({"groups": TRAINED}, TRAIN_GROUPS_ARTIFACT)
-            if key == "with_tta":  # evaluate logs its evaluate.tta so
+            if key == "with_tta":  # as evaluate logs evaluate.tta: true
                 mlflow.log_metric("test_tta", 1.0)
         out[key] = str(mlflow.register_model(uri, NAME).version)
         out[f"{key}_experiment"] = run.info.experiment_id
