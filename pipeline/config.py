@@ -24,8 +24,7 @@ from pipeline.typedconfig import (  # noqa: F401
 # The allowed values of every enum-like param; the modules that implement them use these.
 REGIMES = ("scratch", "feature_extract", "finetune_top", "finetune_all")
 OPTIMIZERS, SCHEDULERS, KEEP = ("adamw", "sgd"), ("cosine", "step", "constant"), ("best", "last")
-AUGMENT_PRESETS = ("custom", "none", "light", "strong")
-PROBABILITY = (0.0, 1.0)
+AUGMENT_PRESETS, PROBABILITY = ("custom", "none", "light", "strong"), (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -55,8 +54,7 @@ class PrepareConfig(Checked):
 
     SECTION = "prepare"
     RANGES = {"image_size": (8, 4096), "val_ratio": (0.0, 0.95), "test_ratio": (0.0, 0.95),
-              "max_images": (0, None), "max_archive_bytes": (1, None), "workers": (0, None),
-              "max_compression_ratio": (1.0, None)}
+              "max_images": (0, None), "max_archive_bytes": (1, None), "workers": (0, None), "max_compression_ratio": (1.0, None)}
 
     image_size: int = 96
     val_ratio: float = 0.15
@@ -130,8 +128,9 @@ class TrainConfig(Checked):
     RANGES = {"top_blocks": (0, None), "backbone_lr_factor": (0.0, None), "epochs": (1, None),
               "batch_size": (1, None), "lr": (1e-12, None), "momentum": (0.0, 0.999),
               "weight_decay": (0.0, None), "warmup_epochs": (0, None), "step_size": (1, None),
-              "gamma": (1e-6, 1.0), "label_smoothing": (0.0, 0.99), "early_stopping_patience": (0, None),
-              "loader_workers": (-1, None), "cpus_per_worker": (0.01, None), "max_failures": (-1, None)}
+              "gamma": (1e-6, 1.0), "label_smoothing": (0.0, 0.99), "ema_decay": (0.0, 0.9999),
+              "early_stopping_patience": (0, None), "loader_workers": (-1, None),
+              "cpus_per_worker": (0.01, None), "max_failures": (-1, None)}
 
     model: str = "efficientnet_lite0"
     pretrained: bool = True
@@ -149,6 +148,7 @@ class TrainConfig(Checked):
     step_size: int = 1  # step scheduler: epochs per decay
     gamma: float = 0.1  # step scheduler: decay factor
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # per-step moving average of the weights, validated and kept; 0 = off
     class_weights: bool = False  # balanced class weights in the loss
     stain_norm: bool = False  # each cell's colours matched to the training cells' (pipeline.data.stain)
     early_stopping_patience: int = 0  # epochs without val_loss improvement; 0 = off

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from pipeline.config import UserError
@@ -132,9 +133,30 @@ def optimizer_step(ctx: EpochContext, optimizer: torch.optim.Optimizer, loss: to
         optimizer.step()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, out of its DDP wrapper if it has one."""
+    return model.module if hasattr(model, "module") else model
+
+
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights and batch-norm statistics, updated
+    after every optimiser step (``train.ema_decay``; 0: none). Its first steps average with
+    ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, as timm's EMA warm-up does, so the
+    pretrained starting weights do not linger in a short run."""
+    if decay <= 0:
+        return None
+
+    def ema(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        return averaged * d + current * (1 - d)
+
+    return AveragedModel(unwrap(model), avg_fn=ema, use_buffers=True)
+
+
 def train_one_epoch(ctx: EpochContext, loader, optimizer: torch.optim.Optimizer,
-                    epoch: int) -> tuple[float, float, int]:
-    """One training pass; mean loss, accuracy and images seen over all workers.
+                    epoch: int, ema: AveragedModel | None = None) -> tuple[float, float, int]:
+    """One training pass; mean loss, accuracy and images seen over all workers (``ema``, if
+    given, is updated after each step).
 
     Raises:
         NonFiniteLossError: on every worker at once, before a NaN/inf loss is stepped on.
@@ -147,6 +169,8 @@ def train_one_epoch(ctx: EpochContext, loader, optimizer: torch.optim.Optimizer,
             raise NonFiniteLossError(f"the training loss became {loss.item()} at epoch {epoch + 1}, "
                                      f"batch {step + 1} (on this worker or another)")
         optimizer_step(ctx, optimizer, loss)
+        if ema is not None:
+            ema.update_parameters(unwrap(ctx.model))
         totals += _batch_totals(ctx, logits, loss, labels)
     return _all_workers(totals)
 

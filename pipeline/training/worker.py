@@ -12,7 +12,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ from pipeline.training.engine import (
     loader_workers,
     make_loader,
     train_one_epoch,
+    unwrap,
+    weight_average,
 )
 from pipeline.training.optim import (
     EarlyStopping,
@@ -66,11 +68,13 @@ class WorkerConfig:
 
 @dataclass
 class TrainingState:
-    """What a checkpoint restores: the optimiser, its schedule and early stopping."""
+    """What a checkpoint restores: the optimiser, its schedule, early stopping and the weight
+    average (``train.ema_decay``), which is the model validated and kept when there is one."""
 
     optimizer: torch.optim.Optimizer
     scheduler: Any
     stopper: EarlyStopping
+    ema: Any = None  # torch.optim.swa_utils.AveragedModel
 
 
 def train_loop_per_worker(config: WorkerConfig) -> None:
@@ -86,7 +90,7 @@ def train_loop_per_worker(config: WorkerConfig) -> None:
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     train_loader, val_loader, train_labels = _loaders(config, rank, world)
     epoch_ctx, state, trainable = _build_model(cfg, config.meta, train_labels, rank)
-    start_epoch = _resume(ray.train.get_checkpoint(), epoch_ctx.model, state)
+    start_epoch = resume(ray.train.get_checkpoint(), epoch_ctx.model, state)
     logger = RunLogger.connect(config.tracking_uri, config.run_id) if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         try:
@@ -117,10 +121,11 @@ def _epoch(ctx: EpochContext, state: TrainingState, train_loader, val_loader, ep
         train_loader.sampler.set_epoch(epoch)
     t0 = time.perf_counter()
     lr = state.optimizer.param_groups[0]["lr"]
-    train_loss, train_acc, n_seen = train_one_epoch(ctx, train_loader, state.optimizer, epoch)
+    train_loss, train_acc, n_seen = train_one_epoch(ctx, train_loader, state.optimizer, epoch, state.ema)
     state.scheduler.step()
     elapsed = time.perf_counter() - t0
-    val_loss, val_acc = evaluate_epoch(ctx, val_loader)
+    val_loss, val_acc = evaluate_epoch(ctx if state.ema is None else replace(ctx, model=state.ema.module),
+                                       val_loader)
     if not math.isfinite(val_loss):
         raise NonFiniteLossError(f"the validation loss became {val_loss} after epoch {epoch + 1}: "
                                  "the weights are no longer finite")
@@ -161,7 +166,7 @@ def _build_model(cfg: TrainConfig, meta: ModelMeta, train_labels: np.ndarray,
     model = prepare_model(model)
     optimizer = build_optimizer(cfg, plan.param_groups)
     state = TrainingState(optimizer, build_scheduler(cfg, optimizer),
-                          EarlyStopping(cfg.early_stopping_patience))
+                          EarlyStopping(cfg.early_stopping_patience), weight_average(model, cfg.ema_decay))
     amp = cfg.amp and device.type == "cuda"
     ctx = EpochContext(model, build_loss(cfg, train_labels, num_classes).to(device), meta, device,
                        cfg.channels_last, torch.amp.GradScaler("cuda") if amp else None, rank)
@@ -186,22 +191,32 @@ def report_epoch(metrics: dict[str, float], ctx: EpochContext, state: TrainingSt
         return
     logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"])
     with tempfile.TemporaryDirectory() as d:
-        module = ctx.model.module if hasattr(ctx.model, "module") else ctx.model
-        save_checkpoint(Path(d) / MODEL_FILE, module, ctx.meta)
-        torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-                    "epoch": metrics["epoch"], "stopper": asdict(state.stopper)}, Path(d) / STATE_FILE)
+        write_checkpoint(Path(d), ctx, state, metrics["epoch"])
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
-def _resume(checkpoint, model: nn.Module, state: TrainingState) -> int:
+def write_checkpoint(directory: Path, ctx: EpochContext, state: TrainingState, epoch: int) -> None:
+    """The model file (what is kept and served: the weight average when there is one) and the
+    training state that :func:`resume` restores."""
+    save_checkpoint(directory / MODEL_FILE, unwrap(ctx.model) if state.ema is None else state.ema.module,
+                    ctx.meta)
+    saved = {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+             "epoch": epoch, "stopper": asdict(state.stopper)}
+    if state.ema is not None:  # training goes on from the weights, not from their average
+        saved |= {"weights": unwrap(ctx.model).state_dict(), "ema": state.ema.state_dict()}
+    torch.save(saved, directory / STATE_FILE)
+
+
+def resume(checkpoint, model: nn.Module, state: TrainingState) -> int:
     """Load the last checkpoint after a restart; return the epoch to start from."""
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as d:
         weights = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
         saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    module = model.module if hasattr(model, "module") else model
-    module.load_state_dict(weights["model"])
+    unwrap(model).load_state_dict(saved.get("weights", weights["model"]))
+    if state.ema is not None:
+        state.ema.load_state_dict(saved["ema"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
     state.stopper.best, state.stopper.bad_epochs = saved["stopper"]["best"], saved["stopper"]["bad_epochs"]

@@ -58,7 +58,9 @@ def _first_checkpoint(storage: Path, timeout: float = 300, proc=None) -> None:
 
 def test_worker_killed_mid_run_restarts_from_checkpoint_and_finishes(
         prepared_medium, tmp_path, tracking_uri, ray_local):
-    cfg = _cfg(tmp_path, epochs=3, keep="last")  # the restarted run's final epoch is the model
+    # the restarted run's final epoch is the model: its weight average, which the restarted worker
+    # restores beside the weights (engine.weight_average; worker.resume)
+    cfg = _cfg(tmp_path, epochs=3, keep="last", ema_decay=0.9)
     killed: list[tuple[int, float]] = []
 
     def kill_one_worker() -> None:
