@@ -146,11 +146,18 @@ def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
     if decay <= 0:
         return None
 
-    def ema(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1 + float(n)) / (10 + float(n)))
-        return averaged * d + current * (1 - d)
+    @torch.no_grad()
+    def ema(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        # called once per device and dtype, not per tensor: one read of n (a GPU sync), not hundreds
+        updates = float(n)
+        d = min(decay, (1 + updates) / (10 + updates))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - d)
+        else:  # batch norm's integer step counts
+            for a, c in zip(averaged, current):
+                a.copy_(a * d + c * (1 - d))
 
-    return AveragedModel(unwrap(model), avg_fn=ema, use_buffers=True)
+    return AveragedModel(unwrap(model), multi_avg_fn=ema, use_buffers=True)
 
 
 def train_one_epoch(ctx: EpochContext, loader, optimizer: torch.optim.Optimizer,
