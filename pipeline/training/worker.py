@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from pipeline.config import TrainConfig
 from pipeline.console import epoch_line, quiet_train_worker
@@ -74,7 +75,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     stopper: EarlyStopping
-    ema: Any = None  # torch.optim.swa_utils.AveragedModel
+    ema: AveragedModel | None = None
 
 
 def train_loop_per_worker(config: WorkerConfig) -> None:
@@ -212,9 +213,11 @@ def resume(checkpoint, model: nn.Module, state: TrainingState) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as d:
-        weights = torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)
         saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    unwrap(model).load_state_dict(saved.get("weights", weights["model"]))
+        # with a weight average the model file holds the average; the weights are in the state
+        weights = (saved["weights"] if "weights" in saved
+                   else torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)["model"])
+    unwrap(model).load_state_dict(weights)
     if state.ema is not None:
         state.ema.load_state_dict(saved["ema"])
     state.optimizer.load_state_dict(saved["optimizer"])
