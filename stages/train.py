@@ -1,4 +1,4 @@
-"""DVC stage `train`: fine-tune with Ray Train; best checkpoint, history, curves and run id out."""
+"""DVC stage `train`: fine-tune with Ray Train; the kept checkpoint, history, curves and run id out."""
 
 from pathlib import Path
 
@@ -29,10 +29,10 @@ def main(prepared: str, policy: str, model_dir: str, metrics: str, history: str,
         result.history.to_csv(tmp, index=False)
     log_artifact(result.run_id, training_curves(result.history, curves), "plots/train")
     log_artifact(result.run_id, "params.yaml")  # every param, as a file rather than a wall of tags
-    best = result.history.set_index("epoch").loc[result.best_epoch]
-    print(f"best epoch {result.best_epoch} of {len(result.history)}: val loss {best['val_loss']:.4f}, "
-          f"val acc {best['val_acc']:.4f} -> {result.model_path}, curves {curves}; MLflow run "
-          f"{result.run_id}")
+    kept = result.history.set_index("epoch").loc[result.best_epoch]
+    print(f"kept epoch {result.best_epoch} of {len(result.history)} (train.keep: {params.train.keep}): "
+          f"val loss {kept['val_loss']:.4f}, val acc {kept['val_acc']:.4f} -> {result.model_path}, "
+          f"curves {curves}; MLflow run {result.run_id}")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def metrics_view(metrics: dict[str, Any], train: dict[str, Any] | None = None) -
                      f"{_num(metrics.get('operating_sensitivity'))}, specificity "
                      f"{_num(metrics.get('operating_specificity'))}")
     if train:
-        lines.append(f"training: best epoch {train.get('best_epoch')}, val_acc "
+        lines.append(f"training: kept epoch {train.get('best_epoch')}, val_acc "
                      f"{_num(train.get('val_acc'))}, val_loss {_num(train.get('val_loss'))}")
     return "\n".join(lines)
 
