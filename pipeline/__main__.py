@@ -184,7 +184,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def champion_uri() -> str:
     """``models:/<dataset>@<alias>`` with the defaults of ``params.yaml``'s sections."""
-    from pipeline.config import Params, RegisterConfig
+    from pipeline.config import RegisterConfig
+    from pipeline.params import Params
 
     return f"models:/{RegisterConfig.model_name or Params.dataset}@{RegisterConfig.alias}"
 

@@ -136,7 +136,7 @@ def crossval_cmd(args: argparse.Namespace) -> None:
     """Cross-validate the params of params.yaml by patient; write the report and metrics."""
     from dataclasses import replace
 
-    from pipeline.config import read_params
+    from pipeline.params import read_params
     from pipeline.selection.report import crossval_params
 
     params = read_params(Path(args.params))
@@ -153,9 +153,9 @@ def validate_cmd(args: argparse.Namespace) -> None:
     """Score a labelled archive of new patients with a registered model; report and record it."""
     from dataclasses import replace
 
-    from pipeline.config import read_params
     from pipeline.data.datasets import get_dataset
     from pipeline.evaluation.external import validate
+    from pipeline.params import read_params
 
     params = read_params(Path(args.params))
     cfg = replace(params.validate, archive=args.archive,
@@ -173,7 +173,7 @@ def sweep_cmd(args: argparse.Namespace) -> None:
 
     import yaml
 
-    from pipeline.config import read_params
+    from pipeline.params import read_params
     from pipeline.selection.report import sweep
 
     params = read_params(Path(args.params))
@@ -203,7 +203,7 @@ def benchmark_cmd(args: argparse.Namespace) -> None:
         run_all,
         write,
     )
-    from pipeline.config import read_params
+    from pipeline.params import read_params
     from pipeline.tracking import setup_mlflow
 
     params = read_params(Path(args.params))

@@ -1,14 +1,13 @@
-"""Typed, frozen configuration objects for every stage, built from plain dicts.
+"""Typed, frozen configuration of each section of ``params.yaml``: one class a stage.
 
-The library never reads ``params.yaml`` itself: entry points (stage scripts, the ``pipeline``
-command) call :func:`read_params`; :func:`from_dict` refuses unknown keys, so a typo in
+The library takes these objects, never the file: entry points read it with
+:func:`pipeline.params.read_params`. :func:`from_dict` refuses unknown keys, so a typo in
 ``params.yaml`` is an error that names the key rather than a silently ignored setting.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 # The config machinery, re-exported: the rest of the package imports it from here.
@@ -54,7 +53,8 @@ class PrepareConfig(Checked):
 
     SECTION = "prepare"
     RANGES = {"image_size": (8, 4096), "val_ratio": (0.0, 0.95), "test_ratio": (0.0, 0.95),
-              "max_images": (0, None), "max_archive_bytes": (1, None), "workers": (0, None), "max_compression_ratio": (1.0, None)}
+              "max_images": (0, None), "max_archive_bytes": (1, None), "workers": (0, None),
+              "max_compression_ratio": (1.0, None)}
 
     image_size: int = 96
     val_ratio: float = 0.15
@@ -247,6 +247,7 @@ class CrossvalConfig(Checked):
 @dataclass(frozen=True)
 class ValidateConfig(Checked):
     """External validation: a labelled archive of new patients scored by a registered model."""
+
     SECTION = "validate"
     RANGES = {"bootstrap": (1, None), "ci_level": (0.5, 0.999), "errors_shown": (0, None)}
 
@@ -256,45 +257,3 @@ class ValidateConfig(Checked):
     ci_level: float = 0.95
     exclude_overlap: bool = False  # leave out (and report) patients the model trained on; else refuse
     errors_shown: int = 16  # most confident errors shown as thumbnails
-
-
-@dataclass(frozen=True)
-class Params:
-    """Every section of ``params.yaml``."""
-
-    dataset: str = "malaria"
-    download: DownloadConfig = field(default_factory=DownloadConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    register: RegisterConfig = field(default_factory=RegisterConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    crossval: CrossvalConfig = field(default_factory=CrossvalConfig)
-    validate: ValidateConfig = field(default_factory=ValidateConfig)
-
-    def __post_init__(self) -> None:
-        # Every dataset of pipeline/data/datasets.py has a source: this refuses an unknown name too
-        if self.dataset not in self.download.sources:
-            raise ConfigError(f"dataset: no download.sources.{self.dataset} in params.yaml; datasets "
-                              f"with a source: {', '.join(sorted(self.download.sources))} (a new one "
-                              "needs an entry in pipeline/data/datasets.py and its source)")
-
-
-def read_params(path: Path) -> Params:
-    """Every section of a ``params.yaml`` as typed config (for entry points, not the library).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ConfigError: a bad key or value, named.
-    """
-    import yaml
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found in {Path.cwd()}: run from the project root "
-                                "(dvc repro does)")
-    raw = yaml.safe_load(path.read_text()) or {}
-    try:
-        return from_dict(Params, raw, where=str(path))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None

@@ -15,10 +15,10 @@ from typing import Callable
 import yaml
 
 from pipeline.cli import DEBUG_ENV, run_cli
-from pipeline.config import Params, read_params
 from pipeline.console import header, stage_logging
 from pipeline.env import set_quiet_env
 from pipeline.files import write_json
+from pipeline.params import Params, read_params
 
 
 def run_stage(main: Callable[..., None], doc: str | None) -> None:
@@ -97,7 +97,7 @@ PARAMS_FILE = Path("params.yaml")
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
-    """All of ``params.yaml`` as typed config (:func:`pipeline.config.read_params`)."""
+    """All of ``params.yaml`` as typed config (:func:`pipeline.params.read_params`)."""
     set_quiet_env()
     return read_params(path)
 

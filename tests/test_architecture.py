@@ -8,8 +8,9 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import Params, from_dict
+from pipeline.config import from_dict
 from pipeline.imports import PACKAGE_DIR, imported_modules, module_name
+from pipeline.params import Params
 from tests.conftest import REPO, repo_params
 
 # Lowest first: a module may import its own layer and the layers below it, never above.

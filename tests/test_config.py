@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, Params, TrainConfig, flatten, from_dict
+from pipeline.config import ConfigError, TrainConfig, flatten, from_dict
+from pipeline.params import Params
 from tests.conftest import repo_params
 
 

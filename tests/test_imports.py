@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Params
 from pipeline.imports import imported_modules, module_closure, module_file
+from pipeline.params import Params
 from tests.conftest import REPO
 
 STAGES_DIR = REPO / "stages"

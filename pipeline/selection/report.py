@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Params, UserError
+from pipeline.config import UserError
 from pipeline.data.prepared import PreparedData, array_file
 from pipeline.files import atomic_path, write_json
+from pipeline.params import Params
 from pipeline.selection import crossval
 from pipeline.selection.study import ConfigResult, cross_validate, read_exclude
 from pipeline.tracking import dvc_experiment, log_artifact

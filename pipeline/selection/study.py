@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import ConfigError, Params, from_dict, to_dict
+from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.data.prepared import PreparedData
+from pipeline.params import Params
 from pipeline.selection import crossval
 from pipeline.selection.trials import TrialOutcome, TrialSpec, run_trials, with_storage
 from pipeline.tracking import dvc_experiment

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import Params
 from pipeline.console import quiet_trial
+from pipeline.params import Params
 from pipeline.tracking import use_tracking_uri
 
 log = logging.getLogger(__name__)

@@ -154,8 +154,9 @@ def test_every_dataset_source_in_params_downloads_and_verifies(tmp_path):
     """Each dataset's source as params.yaml declares it, re-pointed at 127.0.0.1."""
     import yaml
 
-    from pipeline.config import Params, from_dict
+    from pipeline.config import from_dict
     from pipeline.data.synthetic import make_medmnist_npz
+    from pipeline.params import Params
     from tests.conftest import REPO
 
     params = from_dict(Params, yaml.safe_load((REPO / "params.yaml").read_text()))

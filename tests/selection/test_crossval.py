@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 
 from pipeline import clinical
-from pipeline.config import ConfigError, Params, from_dict
+from pipeline.config import ConfigError, from_dict
 from pipeline.data.prepared import PreparedData
+from pipeline.params import Params
 from pipeline.selection import crossval
 from pipeline.selection.report import images_of
 from pipeline.selection.study import with_overrides
