@@ -132,7 +132,8 @@ def test_gpu_benchmark_smoke_runs_every_part_and_writes_the_page(tmp_path):
 def test_the_real_stages_run_in_order_and_their_figures_reach_the_page(cells_small, tmp_path):
     argv = ["--archive", str(cells_small), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "pages"),
             "--smoke", "--parts", "stages", "precision", "--set", "prepare.image_size=32",
-            "train.epochs=2", "train.batch_size=64", "evaluate.bootstrap=50", "evaluate.gradcam_images=2"]
+            "train.epochs=2", "train.batch_size=64", "evaluate.bootstrap=50", "evaluate.gradcam_images=2",
+            "evaluate.tta=false", "score.tta=false"]  # one view: TTA is 8x the inference
     main(argv)
     data = json.loads((tmp_path / "pages" / "performance-gpu.json").read_text())
     st = data["stages"]
