@@ -158,7 +158,7 @@ def _end_to_end(e: dict[str, Any]) -> str:
 
 `dvc repro` of a fresh project on the archive: {e['repro_s']} s in all (DVC's own work
 included); a no-op `dvc repro` afterwards: {e['noop_repro_s']} s. Test accuracy {e['test_accuracy']:.4f},
-AUC {e['test_roc_auc']:.4f}; best epoch {e['best_epoch']} (the training params of this checkout). Peak memory is the resident memory of the stage's process and every
+AUC {e['test_roc_auc']:.4f}; kept epoch {e['best_epoch']} (the training params of this checkout). Peak memory is the resident memory of the stage's process and every
 process under it (its local Ray instance and workers), sampled every 0.2 s; memory shared
 between processes counts once per process.
 

@@ -85,7 +85,7 @@ def test_page_shows_every_figure_of_the_results_where_it_belongs():
          "returned in this run.\n"),
         "one process 70.0 s, one per core\n(8) 20.0 s: **3.5x**; outputs byte-identical: True.\n",
         "fresh project on the archive: 190.2 s in all",
-        "a no-op `dvc repro` afterwards: 1.25 s. Test accuracy 0.9313,\nAUC 0.9800; best epoch 4",
+        "a no-op `dvc repro` afterwards: 1.25 s. Test accuracy 0.9313,\nAUC 0.9800; kept epoch 4",
         "|---|---|---|\n| prepare | 30.1 | 813 |\n| train | 120.5 | 2,048 |\n",
     ]
     for part in expected:
