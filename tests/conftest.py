@@ -18,7 +18,7 @@ from pipeline.env import set_quiet_env
 
 set_quiet_env()
 # Ray Train's controller polls its workers every 2 s, so a fit ends up to 2 s after its workers
-# do (and starts later too); the suite runs about 20 small fits. Polled every 0.5 s instead (a
+# do; the suite runs about 20 small fits. Polled every 0.5 s instead (a
 # missed poll is not a failure: a worker is dead only after 10 minutes without an answer).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
