@@ -1,6 +1,8 @@
 """The first hour: `pipeline demo` as a new user meets it. Its console is mostly lines a
-person needs, it is a git repository where DVC's experiment commands work, and its
-`dvc plots show` page draws every plot in a real browser with the network blocked."""
+person needs, its `dvc repro` ran every stage and each recorded what it should (hand-offs,
+MLflow, the registry, a no-op second repro), it is a git repository where DVC's experiment
+commands work, and its `dvc plots show` page draws every plot in a real browser with the
+network blocked."""
 
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ import threading
 import time
 
 import mlflow
+import pandas as pd
 import pytest
+import yaml
 
+from pipeline.clinical import binary_metrics
 from pipeline.data.prepared import PreparedData
 from pipeline.project import REPO_ROOT, dvc, git, scaffold
 from tests.conftest import free_port
@@ -62,6 +67,88 @@ def test_demo_console_is_lines_a_person_needs(demo):
     # Synthetic data is called synthetic wherever a person reads about it.
     assert "**Synthetic** demo images" in (root / "reports/data_card.md").read_text()
     assert "synthetic demo images, not real cells" in (root / "reports/evaluate.md").read_text()
+
+
+@pytest.mark.slow
+def test_dvc_repro_ran_every_stage_and_recorded_each(demo):
+    """The demo's `dvc repro` (every stage, default TTA) as the stages' hand-offs, MLflow and
+    DVC see it. Real cells through every stage: tests/test_cluster.py (`dvc repro` in a Ray
+    job) and tests/bench/test_gpu.py (each stage's command)."""
+    root, _ = demo
+    assert (root / "data/raw/malaria.zip").stat().st_size == (root / "synthetic_cells.zip").stat().st_size
+    manifest = pd.read_parquet(root / "data/prepared/manifest.parquet")
+    assert len(manifest) == 8 * 16  # every readable cell (the demo's one truncated PNG is not)
+    assert (manifest.groupby("patient_id")["split"].nunique() == 1).all()
+    history = pd.read_csv(root / "plots/train/history.csv")
+    assert history["epoch"].tolist() == [1] and history["val_loss"].notna().all()
+    assert (root / "models/model.pt").is_file()
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())
+    assert {"accuracy", "roc_auc", "sensitivity", "specificity", "f1", "confusion_matrix"} <= set(metrics)
+    assert sum(map(sum, metrics["confusion_matrix"])) == (manifest["split"] == "test").sum()
+    for plot in ("roc.csv", "pr.csv", "confusion.csv", "reliability.csv", "roc.png",
+                 "confusion_matrix.png", "gradcam_worst_errors.png"):
+        assert (root / "plots/evaluate" / plot).stat().st_size > 0
+    report = (root / "reports/evaluate.md").read_text()
+    assert re.search(r"^## Patients \(\d+\)$", report, re.M) and "bootstrap over" in report
+    assert "| PPV (precision)" in report
+    registered = json.loads((root / "models/register.json").read_text())
+    assert registered["promoted"] and registered["version"] == "1" and registered["name"] == "malaria-demo"
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")  # not the global URI: later modules use it
+    version = client.get_model_version("malaria-demo", "1")
+    tags = version.tags
+    assert {"dataset_id", "git_commit", "run_id", "split_id", "test_roc_auc"} <= set(tags)
+    assert len(tags) <= 15 and all(len(v) < 500 for v in tags.values())  # no wall of tags
+    assert "is the first model: alias set" in version.description and tags["run_id"] in version.description
+    scores = pd.read_parquet(root / "data/scores/predictions.parquet")
+    assert len(scores) == metrics["n"] and scores["error"].isna().all()
+    assert set(scores["path"]) == set(manifest.loc[manifest["split"] == "test", "path"])
+    patients = pd.read_parquet(root / "data/scores/predictions_patients.parquet")
+    test_patients = set(manifest.loc[manifest["split"] == "test", "patient_id"])
+    assert set(patients["patient_id"]) == test_patients and patients["cells"].sum() == len(scores)
+
+    run_id = json.loads((root / "models/train.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert {"train_loss", "val_loss", "val_acc", "test_accuracy", "test_roc_auc"} <= set(run.data.metrics)
+    assert metrics["tta"] and run.data.metrics["test_tta"] == 1.0  # validate scores as evaluate did
+    assert run.data.params["train.model"] == "efficientnet_lite0"
+    assert run.info.run_name == "workspace/efficientnet_lite0-finetune_all-32px-1ep"
+    note = run.data.tags["mlflow.note.content"]
+    assert "SYNTHETIC demo images" in note and "Split by patient" in note and "Test figures on" in note
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"malaria-train", "malaria-val"}
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"params.yaml", "reports", "plots"} <= artifacts
+    assert {"plots/evaluate", "plots/train"} <= {a.path for a in client.list_artifacts(run_id, "plots")}
+    description = client.get_registered_model("malaria-demo").description
+    assert "## Input contract" in description and "## Validation" in description
+    champion = client.get_model_version_by_alias("malaria-demo", "champion")
+    assert str(champion.version) == "1"
+
+    # A second repro does no work: every stage is found unchanged and none runs (a stage that
+    # ran would rewrite its log and its outputs).
+    stages = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    written = {p: p.stat().st_mtime_ns for d in ("logs", "models", "metrics", "data/scores")
+               for p in (root / d).rglob("*") if p.is_file()}
+    out = dvc(root, "repro", capture_output=True, text=True, timeout=600).stdout  # timeout: a hang guard
+    assert "Running stage" not in out
+    assert sorted(re.findall(r"^Stage '([^']+)' didn't change, skipping$", out, re.M)) == sorted(stages), out
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+    assert {"download", "train", "score"} <= set(stages)
+    assert {"train.log", "score.log", "model.pt", "evaluate.json"} <= {p.name for p in written}
+    shown = dvc(root, "metrics", "show", "--json", capture_output=True, text=True).stdout
+    assert "roc_auc" in shown
+
+    # An output-neutral param (prepare.workers: the same bytes, tested in tests/data) is read by
+    # its own stage only: dvc status names prepare, and no stage downstream of it.
+    committed = (root / "params.yaml").read_text()
+    params = yaml.safe_load(committed)
+    params["prepare"]["workers"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(dvc(root, "status", "--json", capture_output=True, text=True).stdout)
+    finally:  # the module's later tests start from the demo as committed
+        (root / "params.yaml").write_text(committed)
+    default = {stage for stage in status if ":" not in stage}  # not crossval/ or validate/, never run
+    assert default == {"prepare"}, status
 
 
 @pytest.mark.slow
@@ -165,13 +252,32 @@ def test_crossval_runs_as_a_dvc_experiment_outside_the_default_pipeline(demo):
     dvc(root, "exp", "run", "crossval/dvc.yaml", "-S", "crossval.folds=2", "-S", "train.num_workers=1",
         "-n", "cv2", capture_output=True, text=True)
     metrics = json.loads((root / "metrics" / "crossval.json").read_text())
-    pool = PreparedData(root / "data" / "prepared").manifest.query("split != 'test'")
+    data = PreparedData(root / "data" / "prepared")
+    pool = data.manifest.query("split != 'test'")
     assert metrics["folds"] == 2 and metrics["cells"] == len(pool)
     assert metrics["patients"] == pool["patient_id"].nunique()
     for name in ("crossval.md", "oof.parquet", "label_issues.csv", "label_issues.png"):
         assert (root / "reports" / "crossval" / name).is_file()
+    assert (root / "reports" / "crossval" / "crossval.md").read_text().count("nan") == 0
+    oof = pd.read_parquet(root / "reports" / "crossval" / "oof.parquet")
+    assert sorted(oof["path"]) == sorted(pool["path"])  # every pool cell once, out of fold
+    assert not set(oof["patient_id"]) & set(data.rows("test")["patient_id"])
+    assert oof.groupby("patient_id")["fold"].nunique().max() == 1
+    recomputed = binary_metrics((oof["label"] == "Parasitized").to_numpy(), oof["p_pos"].to_numpy())
+    assert metrics["accuracy"] == pytest.approx(recomputed["accuracy"])
+    assert metrics["roc_auc"] == pytest.approx(recomputed["roc_auc"])
     shown = dvc(root, "metrics", "show", "--json", capture_output=True, text=True).stdout
     assert "crossval.json" in shown
+    # Each fold a trial, an MLflow child run of the cross-validation's run, which has the figures.
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("malaria").experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "cv2/crossval-2fold")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["cv2/crossval-2fold/params/fold0",
+                                                         "cv2/crossval-2fold/params/fold1"]
+    assert {r.info.status for r in children} == {"FINISHED"} and "failed_trials" not in parent.data.tags
+    assert parent.data.metrics["params.accuracy"] == pytest.approx(metrics["accuracy"])
+    assert "crossval/crossval.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "crossval")}
 
 
 @pytest.mark.slow

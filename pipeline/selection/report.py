@@ -184,6 +184,7 @@ def sweep(params: Params, grid: dict[str, dict[str, Any]], prepared: str | Path,
     out = Path(out_dir)
     name = name or f"sweep-seed{params.crossval.seed}"
     results = cross_validate(params, grid, prepared, name, raw=raw, work_dir=work_dir)
+    out.mkdir(parents=True, exist_ok=True)  # the table is written even when every configuration failed
     for r in results:
         if not r.failed:
             write_crossval(r, PreparedData(r.prepared), out / r.name, out / r.name / "metrics.json")
