@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import UserError
-from pipeline.evaluation.external import paired_difference
+from pipeline.evaluation.external import called_scores, paired_difference
 
 CELLS = "cells.parquet"  # what `pipeline validate` writes beside its report
 
@@ -34,12 +34,15 @@ def verdict(diff: pd.DataFrame, cost_ratio: float | None = None) -> str:
 
 
 def _cells(folder: Path) -> pd.DataFrame:
-    """A validation folder's per-cell table, at threshold 0.5 (its ``correct`` column is at the
-    operating point)."""
+    """A validation folder's per-cell table, called at 0.5 with a cell the model did not answer
+    wrong, as ``pipeline validate`` counts it (the table's own ``correct`` column is at the
+    operating point). Its ``p_pos`` of 0.5 for such a cell would call it positive: right
+    whenever the cell is."""
     path = Path(folder) / CELLS
     if not path.is_file():
         raise UserError(f"{folder} holds no {CELLS}: give the folder `pipeline validate --out` wrote")
-    return pd.read_parquet(path).drop(columns="correct", errors="ignore")
+    table = pd.read_parquet(path)
+    return table.assign(correct=(called_scores(table) >= 0.5) == table["is_pos"].to_numpy(bool))
 
 
 def compare(baseline: Path | list[Path], candidates: dict[str, Path | list[Path]], n_boot: int = 1000,

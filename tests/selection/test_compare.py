@@ -9,10 +9,13 @@ import pytest
 from pipeline.selection.compare import compare, render, verdict
 
 
-def _cells(folder, p_pos: np.ndarray, is_pos: np.ndarray, patients: np.ndarray):
+def _cells(folder, p_pos: np.ndarray, is_pos: np.ndarray, patients: np.ndarray, rejected=None):
+    """``pipeline validate``'s cells.parquet: ``rejected`` cells have no answer (p_pos 0.5)."""
+    rejected = np.zeros(len(p_pos), bool) if rejected is None else rejected
     folder.mkdir(parents=True)
-    pd.DataFrame({"patient_id": patients, "is_pos": is_pos, "p_pos": p_pos,
-                  "correct": (p_pos >= 0.5) == is_pos}).to_parquet(folder / "cells.parquet")
+    pd.DataFrame({"patient_id": patients, "is_pos": is_pos, "status": np.where(rejected, "rejected", "ok"),
+                  "p_model": np.where(rejected, np.nan, p_pos), "p_pos": np.where(rejected, 0.5, p_pos),
+                  "correct": (p_pos >= 0.3) == is_pos}).to_parquet(folder / "cells.parquet")  # operating point
     return folder
 
 
@@ -50,6 +53,16 @@ def test_a_candidate_right_on_every_patient_beats_one_wrong_on_some(tmp_path):
     assert better["verdict"] == "better: becomes the default"
     text = render(table, "pipeline compare ...")
     assert "| better | 1.000 (0.850) | +15.00 (" in text
+
+
+def test_a_cell_without_an_answer_is_an_error_at_0_5_whatever_its_label(tmp_path):
+    patients, is_pos, good, _ = _good_and_flaky(1)
+    rejected = np.isin(patients, ["P1", "P2"]) & (np.arange(600) % 4 < 2)  # 15 positive, 15 negative cells
+    base = _cells(tmp_path / "default", good, is_pos, patients)
+    table = compare(base, {"rejects": _cells(tmp_path / "rejects", good, is_pos, patients, rejected)}, n_boot=200)
+    row = table.iloc[0]
+    assert row["accuracy"] == pytest.approx(1 - 30 / 600) and row["accuracy_default"] == 1.0
+    assert row["accuracy_difference"] == pytest.approx(-30 / 600)
 
 
 def test_every_seed_is_reported_with_the_mean_and_the_spread(tmp_path):
