@@ -137,7 +137,7 @@ def test_failed_trials_are_failed_child_runs_and_the_sweep_reports_them(
     # workers is tested in tests/training).
     params = _params(dataset="malaria", train={"model": "baseline_cnn", "pretrained": False,
                                                "regime": "scratch", "epochs": 1, "system_metrics": False,
-                                               "lr": 0.003, "num_workers": 1},
+                                               "num_workers": 1},
                      crossval={"folds": 2, "seed": 0}, evaluate={"bootstrap": 100})
     [bad] = sweep(params, {"diverges": {"train.lr": 1e10}}, prepared_synthetic, None, tmp_path / "sweep",
                   tmp_path / "work")
