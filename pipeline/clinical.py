@@ -1,14 +1,16 @@
 """Clinical evaluation: patient-bootstrap confidence intervals, an operating point
 chosen on validation, patient-level diagnosis, and calibration.
 
-Every figure comes from scikit-learn; this module only decides *what* to compute
-(resampling patients, not cells, because cells of one patient are correlated).
+The figures are scikit-learn's definitions; the bootstrap's own (counts, ranks) are computed
+here, tested equal to scikit-learn's. This module decides *what* to compute (resampling
+patients, not cells, because cells of one patient are correlated).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy.stats import rankdata
 from sklearn import metrics as skm
 
 CELL_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "sensitivity",
@@ -18,9 +20,9 @@ CELL_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "sensitivi
 def binary_metrics(is_pos: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Cell-level figures for the positive class at ``threshold``.
 
-    The threshold figures come from the four confusion counts (the bootstrap calls this
-    thousands of times: scikit-learn's per-metric checks dominated); the AUCs from
-    scikit-learn. NaN where a figure is undefined (a class absent, nothing called).
+    The threshold figures come from the four confusion counts, the AUCs from ranks (the
+    bootstrap calls this thousands of times: scikit-learn's per-call checks took most of
+    ``evaluate``'s bootstrap). NaN where a figure is undefined (a class absent, nothing called).
     """
     is_pos = np.asarray(is_pos).astype(bool)
     pred = np.asarray(p_pos) >= threshold
@@ -31,8 +33,8 @@ def binary_metrics(is_pos: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5
     return {
         "accuracy": (tp + tn) / len(is_pos),
         "balanced_accuracy": (sens + spec) / 2 if two else np.nan,
-        "roc_auc": skm.roc_auc_score(is_pos, p_pos) if two else np.nan,
-        "pr_auc": skm.average_precision_score(is_pos, p_pos) if two else np.nan,
+        "roc_auc": _roc_auc(is_pos, np.asarray(p_pos)) if two else np.nan,
+        "pr_auc": _average_precision(is_pos, np.asarray(p_pos)) if two else np.nan,
         "sensitivity": sens,
         "specificity": spec,
         "ppv": _ratio(tp, tp + fp),
@@ -43,6 +45,22 @@ def binary_metrics(is_pos: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5
 
 def _ratio(num: float, den: float) -> float:
     return num / den if den else np.nan
+
+
+def _roc_auc(is_pos: np.ndarray, p_pos: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic, ties at half (scikit-learn's trapezoids)."""
+    n_pos = int(is_pos.sum())
+    n_neg = len(is_pos) - n_pos
+    return float((rankdata(p_pos)[is_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_precision(is_pos: np.ndarray, p_pos: np.ndarray) -> float:
+    """Precision at each distinct score, from the highest, weighted by the recall it adds
+    (scikit-learn's average precision)."""
+    order = np.argsort(-p_pos, kind="stable")
+    last = np.r_[np.flatnonzero(np.diff(p_pos[order])), len(order) - 1]  # each score's last cell
+    tp = np.cumsum(is_pos[order])[last]
+    return float(np.sum(np.diff(tp, prepend=0) / tp[-1] * tp / (last + 1)))
 
 
 def bootstrap_ci(is_pos: np.ndarray, p_pos: np.ndarray, groups: np.ndarray, threshold: float,

@@ -40,10 +40,11 @@ class BenchSize:
     train_epochs: int = 3
     repeats: int = 3
     end_to_end: bool = True
+    both_layouts: bool = True  # Ray Train at 1 worker x all cores too, not only all cores x 1 worker
 
 
 SMOKE = BenchSize(score_images=96, screen_images=32, small_job_sizes=(16,), train_images=128, train_epochs=1, repeats=1,
-                  end_to_end=False)
+                  end_to_end=False, both_layouts=False)
 
 
 def machine() -> dict[str, Any]:
@@ -105,7 +106,7 @@ def run_all(prepared: Path, model_uri: str, archive: Path, sha256: str, work: Pa
         out["bf16"] = benchmark.bf16_check(model_uri, prepared, size.repeats)
     if "training" in parts:
         out["training"] = benchmark_train.training(prepared, train_cfg, augment, size.train_images,
-                                                   size.train_epochs, work / "training")
+                                                   size.train_epochs, work / "training", size.both_layouts)
     if "prepare" in parts:
         out["prepare"] = benchmark.prepare_speedup(archive, work / "prepare", size.repeats)
     if "end_to_end" in parts and size.end_to_end:

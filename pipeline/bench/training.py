@@ -82,9 +82,10 @@ def ray_train(data: PreparedData, cfg: TrainConfig, augment: AugmentConfig, work
 
 
 def training(prepared: Path, cfg: TrainConfig, augment: AugmentConfig, n_train: int, epochs: int,
-             work: Path) -> dict[str, Any]:
-    """Ray Train at 1 worker x all cores and all cores x 1 worker vs the plain loop at the same
-    global batch; the plain loop with augmentation vs without, and eager vs ``torch.compile``."""
+             work: Path, both_layouts: bool = True) -> dict[str, Any]:
+    """Ray Train at all cores x 1 worker (and, with ``both_layouts``, 1 worker x all cores) vs
+    the plain loop at the same global batch; the plain loop with augmentation vs without, and
+    eager vs ``torch.compile``."""
     from pipeline.bench.scoring import cores
 
     n = cores()
@@ -94,7 +95,7 @@ def training(prepared: Path, cfg: TrainConfig, augment: AugmentConfig, n_train: 
     plain_no_aug, _ = plain_loop(data, cfg, None, global_batch, n, epochs)
     compiled, compiled_warmup_s = plain_loop(data, cfg, augment, global_batch, n, epochs, compile_model=True)
     layouts = {}
-    for workers, cpus in ((1, n), (n, 1)):
+    for workers, cpus in ((1, n), (n, 1))[0 if both_layouts else 1:]:
         layout = replace(cfg, num_workers=workers, cpus_per_worker=float(cpus),
                          batch_size=global_batch // workers)
         rate = ray_train(data, layout, augment, work / f"ray_{workers}x{cpus}", epochs)
