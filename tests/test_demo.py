@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import mlflow
 import pandas as pd
@@ -297,3 +298,34 @@ def test_online_repro_fails_fast_with_the_documented_message(tmp_path):
     assert not [p for p in (project / "data").rglob("*") if p.is_file()]  # no archive, no .part
     readme = (REPO_ROOT / "README.md").read_text()
     assert "cannot reach" in readme and "point the stage at a local copy" in readme
+
+
+@pytest.mark.slow
+def test_training_again_with_the_demos_committed_params_gives_its_validation_figures(demo, tracking_uri,
+                                                                                     tmp_path):
+    """Repeatability: the train stage's run (a `dvc repro` subprocess), trained again here with the
+    params, policy, seed and prepared cells its commit records, ends on the same validation loss
+    and accuracy; two Ray Train workers, so the gradients' all-reduce is part of what repeats."""
+    import ray
+
+    from pipeline.cluster import init_ray
+    from pipeline.params import read_params
+    from pipeline.training.driver import train
+
+    root, _ = demo
+    committed = lambda path: git(root, "show", f"HEAD:{path}")  # noqa: E731  (later tests change the workspace)
+    (tmp_path / "params.yaml").write_text(committed("params.yaml"))
+    params = read_params(tmp_path / "params.yaml")
+    assert params.train.num_workers == 2 and params.train.seed == 42
+    stage = json.loads(committed("metrics/train.json"))
+    # Ray for this test only: the demo's other tests start Ray in their own subprocesses.
+    init_ray(num_cpus=2)
+    try:
+        again = train(replace(params.train, storage_path=str(tmp_path / "ray")),
+                      yaml.safe_load(committed("models/augment.yaml")), root / "data" / "prepared",
+                      tmp_path / "out", "tests-repeat")
+    finally:
+        ray.shutdown()
+    last = again.history.iloc[-1]
+    assert last["val_loss"] == pytest.approx(stage["val_loss"], abs=1e-4)
+    assert last["val_acc"] == pytest.approx(stage["val_acc"], abs=1e-3)
