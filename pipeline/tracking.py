@@ -120,8 +120,14 @@ class RunLogger:
         return cls(mlflow.MlflowClient(), run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        for key, value in metrics.items():
-            self.client.log_metric(self.run_id, key, float(value), step=step)
+        """One request for an epoch's metrics (a remote server answers each request on its own)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step)
+                                                    for key, value in metrics.items()])
 
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)

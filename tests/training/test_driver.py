@@ -104,15 +104,20 @@ def test_a_killed_driver_resumes_and_a_killed_worker_restarts_from_the_last_chec
     done_before = len(mlflow.MlflowClient().get_metric_history(run_id, "val_loss"))
     assert 1 <= committed <= done_before < 4  # two epochs or more left for the worker's kill
 
-    worker_killed: list[tuple[int, float]] = []
+    worker_killed: list[tuple[int, float, int]] = []
 
-    def kill_one_worker() -> None:  # once the re-run has committed an epoch of its own
+    def kill_one_worker() -> None:
+        # The re-run's own workers (a killed driver's Ray may commit a checkpoint as it dies, so
+        # the snapshot alone does not tell the runs apart), once the re-run has committed an epoch.
         deadline = time.time() + 300
-        while time.time() < deadline and _committed_epoch(run_dir) <= committed:
+        while time.time() < deadline and not own_ray_processes("RayTrainWorker"):
             time.sleep(0.1)
-        victim = own_ray_processes("RayTrainWorker")[-1]
-        victim.send_signal(signal.SIGKILL)
-        worker_killed.append((victim.pid, time.time()))
+        resumed_from = _committed_epoch(run_dir)
+        while time.time() < deadline and _committed_epoch(run_dir) <= resumed_from:
+            time.sleep(0.1)
+        for victim in own_ray_processes("RayTrainWorker")[-1:]:
+            victim.send_signal(signal.SIGKILL)
+            worker_killed.append((victim.pid, time.time(), resumed_from))
 
     killer = threading.Thread(target=kill_one_worker, daemon=True)
     killer.start()
@@ -122,7 +127,8 @@ def test_a_killed_driver_resumes_and_a_killed_worker_restarts_from_the_last_chec
     assert f"RUN {run_id} [1, 2, 3, 4, 5] 5" in second.stdout  # one MLflow run, every epoch, the last kept
     assert "resuming interrupted run" in second.stderr
     assert worker_killed, "no worker was killed"
-    pid, when = worker_killed[0]
+    pid, when, resumed_from = worker_killed[0]
+    assert resumed_from < 4, "the re-run resumed too late to lose a worker before its last epoch"
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     history = mlflow.MlflowClient().get_metric_history(run_id, "val_loss")
     # Epochs whose checkpoint was committed were not trained again. An epoch logged but not
