@@ -24,8 +24,8 @@ def binary_metrics(is_pos: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5
     bootstrap calls this thousands of times: scikit-learn's per-call checks took most of
     ``evaluate``'s bootstrap). NaN where a figure is undefined (a class absent, nothing called).
     """
-    is_pos = np.asarray(is_pos).astype(bool)
-    pred = np.asarray(p_pos) >= threshold
+    is_pos, p_pos = np.asarray(is_pos).astype(bool), np.asarray(p_pos)
+    pred = p_pos >= threshold
     tp, fp = float(np.sum(pred & is_pos)), float(np.sum(pred & ~is_pos))
     fn, tn = float(np.sum(~pred & is_pos)), float(np.sum(~pred & ~is_pos))
     two = 0 < tp + fn < len(is_pos)
@@ -33,8 +33,8 @@ def binary_metrics(is_pos: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5
     return {
         "accuracy": (tp + tn) / len(is_pos),
         "balanced_accuracy": (sens + spec) / 2 if two else np.nan,
-        "roc_auc": _roc_auc(is_pos, np.asarray(p_pos)) if two else np.nan,
-        "pr_auc": _average_precision(is_pos, np.asarray(p_pos)) if two else np.nan,
+        "roc_auc": _roc_auc(is_pos, p_pos) if two else np.nan,
+        "pr_auc": _average_precision(is_pos, p_pos) if two else np.nan,
         "sensitivity": sens,
         "specificity": spec,
         "ppv": _ratio(tp, tp + fp),

@@ -95,7 +95,7 @@ def training(prepared: Path, cfg: TrainConfig, augment: AugmentConfig, n_train: 
     plain_no_aug, _ = plain_loop(data, cfg, None, global_batch, n, epochs)
     compiled, compiled_warmup_s = plain_loop(data, cfg, augment, global_batch, n, epochs, compile_model=True)
     layouts = {}
-    for workers, cpus in ((1, n), (n, 1))[0 if both_layouts else 1:]:
+    for workers, cpus in ((1, n), (n, 1)) if both_layouts else ((n, 1),):
         layout = replace(cfg, num_workers=workers, cpus_per_worker=float(cpus),
                          batch_size=global_batch // workers)
         rate = ray_train(data, layout, augment, work / f"ray_{workers}x{cpus}", epochs)
