@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -107,7 +108,8 @@ def mlflow_run(uri: str, kept: str, **start_args: Any) -> Iterator[Any]:
 
 @dataclass(frozen=True)
 class RunLogger:
-    """Logging to one run by id from a process that did not start it (rank 0 of Ray Train)."""
+    """Logging to one run by id, without an active fluent run (rank 0 of Ray Train, the external
+    validation report)."""
 
     client: Any  # mlflow.MlflowClient
     run_id: str
@@ -121,8 +123,6 @@ class RunLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """One request for an epoch's metrics (a remote server answers each request on its own)."""
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -87,9 +86,8 @@ def record(out_dir: Path, figures: dict[str, Any], cells: pd.DataFrame, archive:
            errors_shown: int) -> tuple[Path, str, str]:
     """Write the report inside an MLflow run of the model's experiment, then note it on the
     version. Returns the report's path, the run id and the description line."""
-    from mlflow.entities import Metric
-
     from pipeline.serving.registry_lock import registry_lock
+    from pipeline.tracking import RunLogger
 
     about, client = figures["about"], mlflow.MlflowClient()
     run = client.create_run(about["experiment_id"], run_name=f"external/{archive.stem}/v{about['model_version']}",
@@ -99,8 +97,7 @@ def record(out_dir: Path, figures: dict[str, Any], cells: pd.DataFrame, archive:
     try:
         shown = confident_errors(cells, errors_shown)
         files = write_external(out_dir, figures, cells, shown, load_cells(archive, shown["path"]))
-        now = int(datetime.now(timezone.utc).timestamp() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in run_metrics(figures).items()])
+        RunLogger(client, run_id).log_metrics(run_metrics(figures), step=0)
         for path in files:
             client.log_artifact(run_id, str(path))
         line = description_line(figures)
